@@ -1,0 +1,82 @@
+"""The contract between a margin head and the sharded classifier that drives it.
+
+The classifier (``partial_fc.PartialFC``) owns the cosines; a head only says how to turn them
+into logits. Per step, for the global batch:
+
+1. ``prepare(target_cos)`` sees every row's target cosine c_y (already all-reduced, detached) and
+   returns per-row quantities the other calls need (thresholds, ...). A head with running state
+   (CurricularFace's EMA) updates it here, identically on every rank.
+2. ``negative_stats(cos, prep)`` returns per-row sums over the given columns, shape
+   ``[rows, num_stats]`` in float64; the classifier removes the target column's share, sums the
+   result over column blocks and ranks, and hands it to step 4. Heads with ``num_stats == 0``
+   return ``None``.
+3. ``negative_logits(cos, prep)`` maps cosines to (unscaled) negative logits, elementwise per
+   row; the target column's value is discarded.
+4. ``positive_logit(target_cos, prep, stats)`` gives the (unscaled) target logit from the
+   differentiable target cosine of the rows this rank owns, with ``prep`` and ``stats`` restricted
+   to those rows.
+
+Logits are multiplied by ``scale`` before the softmax. Hyper-parameters of the statistics and
+thresholds never receive gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+Prep = Dict[str, torch.Tensor]
+
+
+def safe_sine(cos: torch.Tensor) -> torch.Tensor:
+    """sqrt(1 - cos^2) with a finite gradient at cos = +-1.
+
+    ``1 - cos^2`` is floored at the dtype's machine epsilon, which only changes values with
+    |cos| within about eps/2 of 1, and leaves the gradient there at zero instead of infinite.
+    """
+    eps = torch.finfo(cos.dtype).eps
+    return torch.sqrt(torch.clamp(1.0 - cos * cos, min=eps))
+
+
+def cos_add(cos: torch.Tensor, angle) -> torch.Tensor:
+    """cos(theta + angle) from cos(theta) for theta in [0, pi]; ``angle`` a float or a tensor."""
+    if isinstance(angle, torch.Tensor):
+        return cos * torch.cos(angle) - safe_sine(cos) * torch.sin(angle)
+    return cos * math.cos(angle) - safe_sine(cos) * math.sin(angle)
+
+
+def select_rows(prep: Prep, rows: torch.Tensor) -> Prep:
+    """The per-row entries of ``prep`` for the given row indices."""
+    return {k: v[rows] for k, v in prep.items()}
+
+
+class MarginHead(nn.Module):
+    """Base class of margin heads; see the module docstring for the protocol."""
+
+    num_stats: int = 0
+
+    def __init__(self, s: float):
+        super().__init__()
+        if not s > 0:
+            raise ValueError(f"scale s must be > 0, got {s}")
+        self.scale = float(s)
+
+    def prepare(self, target_cos: torch.Tensor) -> Prep:
+        return {}
+
+    def negative_stats(self, cos: torch.Tensor, prep: Prep) -> Optional[torch.Tensor]:
+        return None
+
+    def negative_logits(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
+        return cos
+
+    def positive_logit(
+        self, target_cos: torch.Tensor, prep: Prep, stats: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def diagnostics(self, prep: Prep, stats: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Detached per-row values worth logging (e.g. NPCFace's margin and hard counts)."""
+        return {}
