@@ -1,0 +1,23 @@
+"""Train with Hydra configs from conf/: ``torchrun --nproc_per_node=N launch/train.py data=... ``.
+
+Runs under torchrun (env://), under Slurm without torchrun (SLURM_* variables), or as one process.
+"""
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from partial_fc.train import run_training  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

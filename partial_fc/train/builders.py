@@ -1,0 +1,92 @@
+"""The one place where the Hydra config becomes objects; everything below takes plain arguments."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+import npc_head
+
+from ..partial_fc import PartialFC
+from .trainer import TrainSettings
+
+HEAD_KEYS = {
+    "npcface": ("s", "m0", "m1", "t", "alpha", "hard_margin"),
+    "arcface": ("s", "m"),
+    "cosface": ("s", "m"),
+}
+HEAD_CLASSES = {"npcface": npc_head.NPCFace, "arcface": npc_head.ArcFace, "cosface": npc_head.CosFace}
+
+
+def build_head(head_cfg: DictConfig) -> nn.Module:
+    name = head_cfg.name
+    kwargs = {k: head_cfg[k] for k in HEAD_KEYS[name] if k in head_cfg}
+    return HEAD_CLASSES[name](**kwargs)
+
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    from ..models import get_model
+
+    return get_model(model_cfg.name, **backbone_kwargs(model_cfg))
+
+
+def backbone_kwargs(model_cfg: DictConfig) -> dict:
+    return {
+        "embedding_size": int(model_cfg.embedding_size),
+        "dropout": float(model_cfg.dropout),
+        "activation_checkpointing": bool(model_cfg.activation_checkpointing),
+    }
+
+
+def build_classifier(cfg: DictConfig, num_classes: int, group=None) -> PartialFC:
+    return PartialFC(
+        build_head(cfg.head),
+        embedding_size=int(cfg.model.embedding_size),
+        num_classes=num_classes,
+        sample_rate=float(cfg.head.sample_rate),
+        process_group=group,
+        seed=int(cfg.trainer.seed),
+    )
+
+
+def build_optimizers(optim_cfg: DictConfig, backbone: nn.Module, classifier: PartialFC):
+    """(backbone optimizer, classifier optimizer): the classifier has its own, with LR
+    ``lr * classifier_lr_scale``."""
+    lr = float(optim_cfg.lr)
+    classifier_lr = lr * float(optim_cfg.classifier_lr_scale)
+    wd = float(optim_cfg.weight_decay)
+    if optim_cfg.name == "sgd":
+        make = lambda params, lr_: torch.optim.SGD(params, lr=lr_, momentum=float(optim_cfg.momentum),
+                                                   nesterov=bool(optim_cfg.nesterov), weight_decay=wd)
+    else:
+        make = lambda params, lr_: torch.optim.AdamW(params, lr=lr_, betas=tuple(optim_cfg.betas),
+                                                     eps=float(optim_cfg.eps), weight_decay=wd)
+    return make(backbone.parameters(), lr), make([classifier.weight], classifier_lr)
+
+
+def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
+    t, o = cfg.trainer, cfg.optim
+    return TrainSettings(
+        run_dir=run_dir,
+        max_steps=int(t.max_steps),
+        stop_at=None if t.stop_at is None else int(t.stop_at),
+        precision=str(t.precision),
+        grad_accum=int(t.grad_accum),
+        clip_grad_norm=None if t.clip_grad_norm is None else float(t.clip_grad_norm),
+        log_every=int(t.log_every),
+        val_every=int(t.val_every),
+        val_batch_size=int(t.val_batch_size),
+        checkpoint_every=int(t.checkpoint_every),
+        keep_checkpoints=int(t.keep_checkpoints),
+        resume=str(t.resume),
+        seed=int(t.seed),
+        warmup_steps=int(o.warmup_steps),
+        poly_power=float(o.poly_power),
+        min_lr_factor=float(o.min_lr) / float(o.lr),
+        channels_last=bool(t.channels_last),
+        progress_bar=bool(t.progress_bar),
+        extra_manifest={"model": str(cfg.model.name), "head": str(cfg.head.name)},
+    )

@@ -1,0 +1,221 @@
+"""Atomic, world-size-independent checkpoints of a sharded training run.
+
+Layout of ``<run dir>/checkpoints``::
+
+    step_00001000/
+        trainer.pt        rank 0: backbone, its optimizer, scaler, step, data position, ...
+        backbone.pt       rank 0: the backbone alone (partial_fc.models.load_backbone format)
+        shard_00000.pt    rank r: its classifier rows, their optimizer state, its RNG states
+        MANIFEST.json     written last: step, world size, class ranges (marks the dir complete)
+    latest                name of the newest complete checkpoint
+
+A checkpoint is written to ``step_X.tmp`` and renamed when every rank's file is on disk, and
+``latest`` is replaced after that, so a crash at any point leaves the previous checkpoint
+loadable and ``latest`` pointing at it. Everything is loaded with ``weights_only=True``.
+
+Resuming on another world size re-shards the classifier: each new rank reads the old shards that
+overlap its class range and slices every per-row tensor (weights, momentum, Adam moments).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..sharding import shard_range
+
+MANIFEST = "MANIFEST.json"
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary name, fsync, rename into place."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and not path.name.endswith(".tmp")
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """Complete checkpoint dirs under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_latest(root: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names if complete, else the newest complete one, else None."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if candidate.is_dir() and is_complete(candidate):
+            return candidate
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def resolve_resume(root: Path, resume: str) -> Optional[Path]:
+    """``auto``: newest complete checkpoint or None; ``none``: None; else that checkpoint dir."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return find_latest(root)
+    path = Path(resume).expanduser().resolve()
+    if path.is_file() and path.name == MANIFEST:
+        path = path.parent
+    if not path.is_dir() or not is_complete(path):
+        raise FileNotFoundError(f"trainer.resume={resume!r}: {path} is not a complete checkpoint ({MANIFEST} missing)")
+    return path
+
+
+def _barrier(group) -> None:
+    if group is not None:
+        dist.barrier(group=group)
+
+
+class CheckpointWriter:
+    """Writes checkpoints collectively from every rank of ``group``."""
+
+    def __init__(self, root: Path, rank: int, world_size: int, keep: int, group=None):
+        self.root = Path(root)
+        self.rank, self.world_size, self.keep, self.group = rank, world_size, keep, group
+
+    def save(self, step: int, main_state: Dict, shard_state: Dict, manifest: Dict,
+             backbone_writer=None) -> Path:
+        """Write one checkpoint; every rank calls this with its own ``shard_state``."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (step_dir_name(step) + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier(self.group)
+        atomic_torch_save(shard_state, tmp / f"shard_{self.rank:05d}.pt")
+        if self.rank == 0:
+            atomic_torch_save(main_state, tmp / "trainer.pt")
+            if backbone_writer is not None:
+                backbone_writer(tmp / "backbone.pt")
+        _barrier(self.group)
+        if self.rank == 0:
+            atomic_write_text(tmp / MANIFEST, json.dumps({**manifest, "step": step,
+                                                          "world_size": self.world_size}, indent=1))
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (e.g. a re-run after a crash)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            atomic_write_text(self.root / LATEST, final.name + "\n")
+            self._prune()
+        _barrier(self.group)
+        return final
+
+    def _prune(self) -> None:
+        done = complete_checkpoints(self.root)
+        for old in done[: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _slice_rows(value: Any, old_count: int, lo: int, hi: int) -> Any:
+    """Rows [lo, hi) of every tensor in ``value`` whose first dim is the shard's row count."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] == old_count:
+            return value[lo:hi]
+        return value
+    if isinstance(value, dict):
+        return {k: _slice_rows(v, old_count, lo, hi) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_slice_rows(v, old_count, lo, hi) for v in value)
+    return value
+
+
+def _concat_rows(pieces: List[Any]) -> Any:
+    """Concatenate row slices along dim 0; 0-dim tensors and plain values come from the first."""
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(pieces, dim=0) if first.dim() >= 1 else first
+    if isinstance(first, dict):
+        return {k: _concat_rows([p[k] for p in pieces]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat_rows([p[i] for p in pieces]) for i in range(len(first)))
+    return first
+
+
+def load_shard_rows(path: Path, num_classes: int, world_size: int, rank: int) -> Tuple[Dict, bool]:
+    """This rank's classifier state from a checkpoint written by any world size.
+
+    Returns ``(state, same_layout)``: ``state["rows"]`` holds the per-row structures (weight,
+    optimizer state; every tensor of dim >= 1 in it is indexed by class row, 0-dim tensors and
+    other values are shared) re-sliced to this rank's classes, and the other entries (optimizer
+    hyper-parameters, buffers) come from the first old shard; ``same_layout`` is True when the
+    checkpoint had this very world size (then RNG states and other per-rank entries are this
+    rank's own).
+    """
+    manifest = json.loads((path / MANIFEST).read_text())
+    old_world = int(manifest["world_size"])
+    if int(manifest["num_classes"]) != num_classes:
+        raise ValueError(
+            f"{path}: checkpoint has num_classes={manifest['num_classes']}, this run {num_classes}"
+        )
+    start, count = shard_range(num_classes, world_size, rank)
+    if old_world == world_size:
+        return load(path / f"shard_{rank:05d}.pt"), True
+    pieces = []
+    for old_rank in range(old_world):
+        old_start, old_count = shard_range(num_classes, old_world, old_rank)
+        lo, hi = max(start, old_start), min(start + count, old_start + old_count)
+        if lo >= hi:
+            continue
+        shard = load(path / f"shard_{old_rank:05d}.pt")
+        pieces.append(_slice_rows(shard["rows"], old_count, lo - old_start, hi - old_start))
+    first = load(path / "shard_00000.pt")
+    shared = {k: v for k, v in first.items() if k not in ("rows", "rng", "rank")}
+    if not pieces:  # this rank owns no classes
+        old_count = shard_range(num_classes, old_world, 0)[1]
+        return {**shared, "rows": _slice_rows(first["rows"], old_count, 0, 0)}, False
+    return {**shared, "rows": _concat_rows(pieces)}, False

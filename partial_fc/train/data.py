@@ -1,0 +1,201 @@
+"""Training data: dataset construction from the config, deterministic augmentation, loaders."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a cheap, well-spread hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def flip_decision(seed: int, epoch: int, index: int) -> bool:
+    """Whether sample ``index`` is mirrored in ``epoch``: a pure function of (seed, epoch, index),
+    so a resumed run, any worker count and any world size augment every sample identically."""
+    return bool(_mix64(_mix64(_mix64(seed) ^ epoch) ^ index) & 1)
+
+
+class AugmentedFaces(Dataset):
+    """``(epoch, index)`` -> (float32 3x112x112 tensor in [-1, 1), int64 label), random flip
+    decided by :func:`flip_decision`. ``base[index]`` yields (uint8 HxWx3 image, label)."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base = base
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        from ..data import normalize_image
+
+        epoch, index = key
+        image, label = self.base[index]
+        return normalize_image(image, flip=flip_decision(self.seed, epoch, index)), int(label)
+
+
+class EpochTaggedSampler(Sampler):
+    """Yields ``(epoch, index)`` pairs from a DistributedShardSampler."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class BatchStream:
+    """Endless (images, labels) batches across epochs; resumable through the shard sampler.
+
+    The caller reports what a step consumed with :meth:`advance`, and the sampler's state then
+    says exactly where to continue.
+    """
+
+    def __init__(self, dataset: AugmentedFaces, sampler, batch_size: int, num_workers: int,
+                 pin_memory: bool = False):
+        self.dataset, self.sampler = dataset, sampler
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self._iter: Optional[Iterator] = None
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=EpochTaggedSampler(self.sampler),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=True,
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def next(self):
+        for _ in range(2):
+            if self._iter is None:
+                if len(self.sampler) < self.batch_size:
+                    self.sampler.set_epoch(self.sampler.epoch + 1)
+                if len(self.sampler) < self.batch_size:
+                    raise ValueError(
+                        f"data.batch_size={self.batch_size} is larger than this rank's share of "
+                        f"the dataset ({len(self.sampler)} samples per epoch)"
+                    )
+                self._iter = iter(self._loader())
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+        raise RuntimeError("data loader yielded nothing for a whole epoch")
+
+    def advance(self, local_samples: int) -> None:
+        self.sampler.advance(local_samples)
+
+    def close(self) -> None:
+        self._iter = None
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def synthetic_root(data_cfg) -> Path:
+    """The cache folder of a synthetic set: named by a hash of its generator parameters."""
+    params = {k: data_cfg.synthetic[k] for k in sorted(data_cfg.synthetic)}
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(data_cfg.cache_dir).expanduser().resolve() / f"synthetic-{digest}"
+
+
+def ensure_synthetic(data_cfg, is_local_main: bool, timeout_s: float = 3600.0) -> Path:
+    """Generate the synthetic set once (cached by its parameters); other ranks wait for it.
+
+    Generation goes to a temporary folder renamed into place, so a half-written set is never
+    used. Runs before any process group exists (ranks coordinate through the file system).
+    """
+    root = synthetic_root(data_cfg)
+    done = root / "COMPLETE"
+    if done.exists():
+        return root
+    if is_local_main:
+        from ..data import generate_synthetic
+
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        params = dict(data_cfg.synthetic)
+        log.info("generating synthetic identities into %s: %s", root, params)
+        summary = generate_synthetic(tmp, **params)
+        (tmp / "COMPLETE").write_text(json.dumps(summary, default=str, indent=1))
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another node generated it first (identical content)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return root
+    deadline = time.monotonic() + timeout_s
+    while not done.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s}s for {root} to be generated by local rank 0")
+        time.sleep(0.5)
+    return root
+
+
+def dataset_root(data_cfg, is_local_main: bool) -> Path:
+    if data_cfg.format == "synthetic":
+        return ensure_synthetic(data_cfg, is_local_main)
+    root = Path(str(data_cfg.root)).expanduser().resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"data.root: {root} does not exist")
+    return root
+
+
+def open_dataset(data_cfg, root: Path):
+    """The raw (uint8 image, label) dataset the config describes."""
+    from ..data import FaceRecordDataset, ImageFolderDataset
+
+    if data_cfg.format == "folder":
+        return ImageFolderDataset(root, on_bad_image=data_cfg.on_bad_image)
+    return FaceRecordDataset(root, on_bad_image=data_cfg.on_bad_image)
+
+
+def check_num_classes(data_cfg, dataset) -> int:
+    """The dataset's class count; a disagreeing ``data.num_classes`` raises naming the key."""
+    found = int(dataset.num_classes)
+    wanted = data_cfg.num_classes
+    if wanted is not None and int(wanted) != found:
+        raise ValueError(f"data.num_classes={wanted} but the dataset has {found} classes")
+    return found
+
+
+def resolve_val_bins(data_cfg, root: Path) -> List[Path]:
+    """Paths of ``data.val_bins`` entries: a path, or a name of ``<root>/<name>.bin``."""
+    paths = []
+    for entry in data_cfg.val_bins or []:
+        candidate = Path(str(entry)).expanduser()
+        if not candidate.suffix:
+            candidate = candidate.with_suffix(".bin")
+        if not candidate.is_absolute():
+            candidate = root / candidate
+        if not candidate.is_file():
+            raise FileNotFoundError(f"data.val_bins: {entry!r} not found (looked for {candidate})")
+        paths.append(candidate.resolve())
+    return paths

@@ -1,0 +1,105 @@
+"""Entry of a training run: validate, set up the job, build, train, summarise."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from .config import validate_config
+from .env import detect_env, init_distributed, select_device
+
+log = logging.getLogger("partial_fc.train")
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S",
+                        force=True)
+
+
+def _setup_threads(cfg: DictConfig, local_world_size: int) -> None:
+    threads = cfg.trainer.threads
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(int(threads))
+
+
+def _setup_determinism(cfg: DictConfig, rank: int) -> None:
+    from .trainer import seed_everything
+
+    seed_everything(int(cfg.trainer.seed) * 100003 + rank)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the summary (also on disk)."""
+    validate_config(cfg)  # before any process group, file or download
+    env = detect_env()
+    _setup_logging(env.rank)
+    device = select_device(str(cfg.trainer.device), env)
+    _setup_threads(cfg, env.local_world_size)
+
+    from ..data import FaceRecordDataset  # noqa: F401  (fail early if the data layer is absent)
+    from ..eval.verification import load_verification_set
+    from ..models import save_backbone
+    from . import builders
+    from .data import (AugmentedFaces, BatchStream, check_num_classes, dataset_root, open_dataset,
+                       resolve_val_bins)
+    from .trainer import Trainer
+
+    root = dataset_root(cfg.data, is_local_main=env.local_rank == 0)
+    base = open_dataset(cfg.data, root)
+    num_classes = check_num_classes(cfg.data, base)
+    val_paths = resolve_val_bins(cfg.data, root)
+
+    init_distributed(env, device, float(cfg.trainer.collective_timeout_s))
+    group = dist.group.WORLD if env.distributed else None
+    _setup_determinism(cfg, env.rank)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    from ..data import DistributedShardSampler
+
+    sampler = DistributedShardSampler(len(base), env.world_size, env.rank, shuffle=True,
+                                      seed=int(cfg.trainer.seed), drop_last=bool(cfg.data.drop_last))
+    batches = BatchStream(AugmentedFaces(base, int(cfg.trainer.seed)), sampler,
+                          int(cfg.data.batch_size), int(cfg.data.num_workers),
+                          pin_memory=device.type == "cuda")
+    backbone = builders.build_backbone(cfg.model).to(device)
+    if cfg.trainer.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    classifier = builders.build_classifier(cfg, num_classes, group).to(device)
+    opt_b, opt_c = builders.build_optimizers(cfg.optim, backbone, classifier)
+    val_sets = [load_verification_set(p, progress=False) for p in val_paths]
+    kwargs = builders.backbone_kwargs(cfg.model)
+
+    def write_backbone(path):
+        save_backbone(path, backbone, str(cfg.model.name), kwargs)
+
+    trainer = Trainer(builders.build_settings(cfg, run_dir), backbone, classifier, opt_b, opt_c,
+                      batches, device, val_sets=val_sets, save_backbone=write_backbone,
+                      group=group, rank=env.rank, world_size=env.world_size)
+    if cfg.trainer.compile:
+        trainer.model = torch.compile(trainer.model)
+    try:
+        summary = trainer.fit()
+        summary.update(world_size=env.world_size, launcher=env.launcher, device=str(device),
+                       num_classes=num_classes, dataset=str(root))
+        if env.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,393 @@
+"""The training loop: a Trainer with small named methods and plain-argument settings."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed import all_gather_rows, gather_sizes
+from . import checkpoint as ckpt
+from .metrics_log import MetricLogger
+from .schedule import lr_factor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    """Everything the loop needs, as plain values (built from the config in one place)."""
+
+    run_dir: Path
+    max_steps: int
+    stop_at: Optional[int] = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_accum: int = 1
+    clip_grad_norm: Optional[float] = None
+    log_every: int = 10
+    val_every: int = 0
+    val_batch_size: int = 128
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: str = "auto"
+    seed: int = 0
+    warmup_steps: int = 0
+    poly_power: float = 2.0
+    min_lr_factor: float = 0.0
+    channels_last: bool = False
+    progress_bar: bool = True
+    extra_manifest: Dict = field(default_factory=dict)
+
+
+class SumGradients:
+    """DDP communication hook that all-reduces the backbone's gradient as a *sum*.
+
+    Every rank back-propagates the same global-batch loss through its own samples only, so the
+    true gradient is the sum over ranks, not DDP's default mean.
+    """
+
+    @staticmethod
+    def hook(group, bucket):
+        work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def rng_state() -> Dict:
+    """This process's RNG states as tensors and numbers (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_version, py_words, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": torch.tensor(py_words, dtype=torch.int64),
+        "python_version": int(py_version),
+        "python_gauss": py_gauss,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((state["python_version"], tuple(int(w) for w in state["python"]),
+                     state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains ``backbone`` + sharded ``classifier`` on ``batches``.
+
+    Args:
+        backbone: images -> embeddings (not yet DDP-wrapped; the trainer wraps it).
+        classifier: a :class:`partial_fc.PartialFC` on this rank's classes.
+        backbone_optimizer / classifier_optimizer: their optimizers; every param group's
+            ``initial_lr`` is the base LR the schedule scales.
+        batches: a :class:`partial_fc.train.data.BatchStream` (``next()``, ``advance(n)``,
+            ``sampler``).
+        val_sets: decoded verification sets (``partial_fc.eval.verification.VerificationSet``).
+        save_backbone: writes the bare backbone to a path (for ``backbone.pt``).
+    """
+
+    def __init__(self, settings: TrainSettings, backbone: nn.Module, classifier: nn.Module,
+                 backbone_optimizer, classifier_optimizer, batches, device: torch.device,
+                 val_sets: Sequence = (), save_backbone: Optional[Callable] = None,
+                 group=None, rank: int = 0, world_size: int = 1):
+        self.s = settings
+        self.device = device
+        self.rank, self.world_size = rank, world_size
+        self.group = group if world_size > 1 else None
+        self.backbone = backbone
+        self.model = self._wrap_ddp(backbone)
+        self.classifier = classifier
+        self.optimizers = [backbone_optimizer, classifier_optimizer]
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        self.batches = batches
+        self.val_sets = list(val_sets)
+        self.save_backbone = save_backbone
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
+        self.step = 0
+        self.skipped_steps = 0
+        self.history: Dict[str, List] = {"val": []}
+        self.samples_per_sec = 0.0
+        self.writer = ckpt.CheckpointWriter(
+            settings.run_dir / "checkpoints", rank, world_size, settings.keep_checkpoints, self.group
+        )
+        self.logger: Optional[MetricLogger] = None
+
+    # ------------------------------------------------------------------ set-up
+    def _wrap_ddp(self, backbone: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return backbone
+        kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+        ddp = nn.parallel.DistributedDataParallel(backbone, process_group=self.group,
+                                                  broadcast_buffers=False, **kwargs)
+        ddp.register_comm_hook(self.group, SumGradients.hook)
+        return ddp
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.s.precision)
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> Dict:
+        """What rank 0 saves besides the classifier shards."""
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "backbone": self.backbone.state_dict(),
+            "backbone_optimizer": self.optimizers[0].state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.batches.sampler.state_dict(),
+            "history": json.dumps(self.history),
+        }
+
+    def shard_state(self) -> Dict:
+        """What every rank saves: its classifier rows, their optimizer state, its RNG."""
+        opt_state = self.optimizers[1].state_dict()
+        return {
+            "rows": {"weight": self.classifier.weight.detach().cpu(),
+                     "optimizer_state": opt_state["state"]},
+            "optimizer_groups": opt_state["param_groups"],
+            "classifier_buffers": {k: v.cpu() for k, v in self.classifier.named_buffers()
+                                   if not k.startswith("head.")},
+            "head_buffers": {k: v.cpu() for k, v in self.classifier.head.named_buffers()},
+            "rng": rng_state(),
+            "rank": self.rank,
+        }
+
+    def save_checkpoint(self) -> Path:
+        manifest = {"num_classes": self.classifier.num_classes, **self.s.extra_manifest}
+        path = self.writer.save(self.step, self.state() if self.rank == 0 else {},
+                                self.shard_state(), manifest, self.save_backbone if self.rank == 0 else None)
+        if self.rank == 0:
+            log.info("checkpoint written: %s", path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        main = ckpt.load(path / "trainer.pt")
+        self.backbone.load_state_dict(main["backbone"])
+        self.optimizers[0].load_state_dict(main["backbone_optimizer"])
+        self.scaler.load_state_dict(main["scaler"])
+        self.batches.sampler.load_state_dict(main["sampler"])
+        self.step = int(main["step"])
+        self.skipped_steps = int(main["skipped_steps"])
+        self.history = json.loads(main["history"])
+        shard, same_layout = ckpt.load_shard_rows(path, self.classifier.num_classes,
+                                                  self.world_size, self.rank)
+        with torch.no_grad():
+            self.classifier.weight.copy_(shard["rows"]["weight"])
+        opt = self.optimizers[1]
+        groups = opt.state_dict()["param_groups"]
+        for mine, saved in zip(groups, shard["optimizer_groups"]):
+            mine.update({k: v for k, v in saved.items() if k != "params"})
+        opt.load_state_dict({"state": shard["rows"]["optimizer_state"], "param_groups": groups})
+        for name, value in shard["classifier_buffers"].items():
+            self.classifier.get_buffer(name).copy_(value)
+        for name, value in shard["head_buffers"].items():
+            self.classifier.head.get_buffer(name).copy_(value)
+        if same_layout:
+            set_rng_state(shard["rng"])
+        else:  # new ranks have no RNG history: derive it from (seed, rank, step)
+            seed_everything(self.s.seed * 100003 + self.rank * 7919 + self.step)
+        log.info("resumed from %s at step %d (%s layout)", path, self.step,
+                 "same" if same_layout else f"re-sharded to {self.world_size} ranks")
+
+    # ------------------------------------------------------------------ the step
+    def _set_lr(self) -> float:
+        factor = lr_factor(self.step, self.s.max_steps, self.s.warmup_steps, self.s.poly_power,
+                           self.s.min_lr_factor)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def _forward_backward(self, images, labels, scale: float, sync: bool) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.s.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        no_sync = getattr(self.model, "no_sync", None)
+        context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        with context:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                embeddings = self.model(images)
+            loss = self.classifier(embeddings, labels)
+            self.scaler.scale(loss * scale).backward()
+        return loss.detach()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of all gradients (backbone grads are already summed over ranks)."""
+        def sq(params):
+            grads = [p.grad.detach().float() for p in params if p.grad is not None]
+            if not grads:
+                return torch.zeros((), device=self.device)
+            return torch.stack([g.pow(2).sum() for g in grads]).sum()
+
+        local = sq(self.classifier.parameters())
+        if self.group is not None:
+            dist.all_reduce(local, group=self.group)
+        return (sq(self.backbone.parameters()) + local).sqrt()
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its record."""
+        lr = self._set_lr()
+        losses = []
+        for micro in range(self.s.grad_accum):
+            images, labels = self.batches.next()
+            last = micro == self.s.grad_accum - 1
+            losses.append(self._forward_backward(images, labels, 1.0 / self.s.grad_accum, sync=last))
+            self.batches.advance(len(labels))
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        loss = torch.stack(losses).mean()
+        grad_norm = self._grad_norm()
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            if self.s.clip_grad_norm is not None and float(grad_norm) > self.s.clip_grad_norm:
+                coef = self.s.clip_grad_norm / (float(grad_norm) + 1e-6)
+                for module in (self.backbone, self.classifier):
+                    for p in module.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+        else:  # same decision on every rank: the loss and the norm are global
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); skipped",
+                        self.step, float(loss), float(grad_norm))
+            if self.scaler.is_enabled():
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+                  "skipped_steps": self.skipped_steps}
+        if self.scaler.is_enabled():
+            record["amp_scale"] = float(self.scaler.get_scale())
+        stats = self.classifier.last_stats
+        if "margin" in stats:
+            record["npc/margin_mean"] = float(stats["margin"].mean())
+            record["npc/margin_std"] = float(stats["margin"].std()) if stats["margin"].numel() > 1 else 0.0
+            record["npc/hard_negatives_mean"] = float(stats["hard_count"].mean())
+        return record
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> Dict[str, float]:
+        """Flip-fused 1:1 verification on every set; each rank embeds a slice of the images,
+        so no rank idles on a collective while another evaluates."""
+        from ..eval.embedding import embed_images
+        from ..eval.verification import evaluate_pairs
+
+        results = {}
+        for vset in self.val_sets:
+            n = vset.images.shape[0]
+            lo = n * self.rank // self.world_size
+            hi = n * (self.rank + 1) // self.world_size
+            emb, _ = embed_images(self.backbone, vset.images[lo:hi], batch_size=self.s.val_batch_size,
+                                  device=self.device, autocast_dtype=self.autocast_dtype)
+            emb = torch.from_numpy(emb).to(self.device)
+            if self.group is not None:
+                emb = all_gather_rows(emb, gather_sizes(emb.shape[0], emb.device, self.group), self.group)
+            metrics = evaluate_pairs(emb.cpu().numpy(), vset.issame)
+            results[f"val/{vset.name}/acc"] = float(metrics["acc"])
+            results[f"val/{vset.name}/std"] = float(metrics["std"])
+            for far, tar in metrics.get("tar_at_far", {}).items():
+                if far in ("1e-03", "1e-04", "0.001", "0.0001"):
+                    results[f"val/{vset.name}/tar@far={far}"] = float(tar)
+        if results:
+            self.history["val"].append({"step": self.step, **results})
+        return results
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Dict:
+        """Train to ``max_steps`` (or ``stop_at``); returns a summary."""
+        path = ckpt.resolve_resume(self.s.run_dir / "checkpoints", self.s.resume)
+        if path is not None:
+            self.load_checkpoint(path)
+        end = self.s.stop_at if self.s.stop_at is not None else self.s.max_steps
+        self.logger = MetricLogger(self.s.run_dir, enabled=self.rank == 0, resume_step=self.step)
+        bar = None
+        if self.rank == 0 and self.s.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
+        try:
+            if self.step == 0 and self.val_sets:
+                self._log(self.validate())
+            window_start, window_steps = time.perf_counter(), 0
+            local_batch = None
+            while self.step < end:
+                record = self.train_step()
+                window_steps += 1
+                local_batch = local_batch or self.batches.batch_size
+                if self.step % self.s.log_every == 0 or self.step == end:
+                    elapsed = time.perf_counter() - window_start
+                    global_samples = window_steps * local_batch * self.world_size * self.s.grad_accum
+                    self.samples_per_sec = global_samples / max(elapsed, 1e-9)
+                    record["samples_per_sec"] = self.samples_per_sec
+                    self._log(record)
+                    if "margin" in self.classifier.last_stats:
+                        self.logger.histogram(self.step, "npc/margin", self.classifier.last_stats["margin"])
+                    window_start, window_steps = time.perf_counter(), 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{self.samples_per_sec:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                at_end = self.step == end
+                paused = time.perf_counter()
+                if self.val_sets and (at_end or (self.s.val_every and self.step % self.s.val_every == 0)):
+                    self._log(self.validate())
+                if at_end or self.step % self.s.checkpoint_every == 0:
+                    self.save_checkpoint()
+                window_start += time.perf_counter() - paused  # samples/s counts training only
+        finally:
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+            self.batches.close()
+        return self.summary()
+
+    def _log(self, record: Dict[str, float]) -> None:
+        if record:
+            self.logger.log(self.step, record)
+            if self.rank == 0 and any(k.startswith("val/") for k in record):
+                log.info("step %d: %s", self.step,
+                         ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("/acc")))
+
+    def summary(self) -> Dict:
+        vals = self.history.get("val", [])
+        return {
+            "steps": self.step,
+            "skipped_steps": self.skipped_steps,
+            "samples_per_sec": self.samples_per_sec,
+            "val_first": vals[0] if vals else None,
+            "val_last": vals[-1] if vals else None,
+            "run_dir": str(self.s.run_dir),
+            "checkpoints": str(self.s.run_dir / "checkpoints"),
+            "tensorboard": str(self.s.run_dir / "tensorboard"),
+            "metrics": str(self.s.run_dir / "metrics.jsonl"),
+        }
