@@ -10,6 +10,9 @@ PYTEST_ARGS ?=
 
 .PHONY: install test demo clean
 
+DEMO_DIR := outputs/demo
+DEMO_ARGS ?=
+
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
@@ -21,6 +24,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# From nothing: .venv, a synthetic identity set, 2-rank CPU training with NPCFace, evaluation of the
+# final checkpoint with the eval tool, and a summary table.
+demo: install
+	rm -rf $(DEMO_DIR)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 launch/train.py experiment=demo $(DEMO_ARGS)
+	$(PY) -m partial_fc.tools.summary $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
