@@ -19,8 +19,9 @@ COMMON = ["trainer.max_steps=30", "trainer.checkpoint_every=10", "trainer.log_ev
           "data.val_bins=[]", "run_name=k"]
 
 
-def _worker_pid(rank: int, restart: int):
-    """PID of the torchrun worker with this RANK in this restart round, from /proc."""
+def _worker_pid(rank: int, restart: int, marker: str):
+    """PID of this job's torchrun worker (its command line holds ``marker``) with this RANK in
+    this restart round, from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -30,7 +31,7 @@ def _worker_pid(rank: int, restart: int):
         except OSError:
             continue
         # only workers carry RANK (the torchrun agent does not)
-        if (b"launch/train.py" in cmdline and f"RANK={rank}".encode() in environ
+        if (marker.encode() in cmdline and f"RANK={rank}".encode() in environ
                 and f"TORCHELASTIC_RESTART_COUNT={restart}".encode() in environ):
             return int(entry.name)
     return None
@@ -52,7 +53,7 @@ def test_sigkill_of_a_rank_restarts_resumes_and_matches_an_uninterrupted_run(tmp
         while time.monotonic() < deadline and proc.poll() is None:
             steps = losses_by_step(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
             if steps and max(steps) >= 14:
-                killed = _worker_pid(1, restart=0)
+                killed = _worker_pid(1, restart=0, marker=f"output_root={tmp_path / 'kill'}")
                 if killed:
                     os.kill(killed, signal.SIGKILL)
                     break
