@@ -1,13 +1,10 @@
 """Shared fixtures for the data tests: the MXNet-written reference files and small generated sets."""
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 RECORDIO = FIXTURES / "recordio"
@@ -30,20 +27,12 @@ def insightface_copy(recordio_fixtures, tmp_path) -> Path:
     return dst
 
 
-def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory) -> Path:
+    """10 identities x 4 images (+ 20 verification pairs) from the synthetic generator."""
+    from partial_fc.data import generate_synthetic
 
-
-def make_identity_folder(root: Path, num_ids: int = 3, per_id=(2, 3, 1), size=(40, 32), seed: int = 0) -> Path:
-    """root/<id_name>/<img>.jpg with random smooth pictures; returns root."""
-    rng = np.random.default_rng(seed)
-    for i in range(num_ids):
-        d = root / f"person_{chr(ord('a') + i)}"
-        d.mkdir(parents=True)
-        for k in range(per_id[i % len(per_id)]):
-            base = rng.integers(0, 256, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-            img = np.asarray(Image.fromarray(base).resize(size, Image.BILINEAR))
-            (d / f"img_{k:02d}.jpg").write_bytes(jpeg_bytes(img))
+    root = tmp_path_factory.mktemp("synthetic_small")
+    generate_synthetic(root, num_identities=10, images_per_identity=4, family_size=2,
+                       num_heldout_identities=4, num_pairs=20, seed=3, workers=1, progress=False)
     return root
