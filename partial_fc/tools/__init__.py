@@ -1,0 +1,1 @@
+"""Command-line tools (`main(argv=None)` each): eval, export, extract."""
