@@ -1,7 +1,8 @@
 """Row-sparse optimizers for the Partial FC classifier weight.
 
 With ``sample_rate < 1`` a step scores only some rows of the weight shard (``module.sampled_index``
-of the last forward). These optimizers update those rows and nothing else: the other rows keep
+of the last forward; with gradient accumulation, the union over the step's forwards, see
+``PartialFC.rows_to_update``). These optimizers update those rows and nothing else: the other rows keep
 their values, their momentum / moments and their weight decay untouched, as in the Partial FC
 paper (An et al., 2021). The work per step is proportional to the sampled rows. When a step
 samples every row the update is exactly that of ``torch.optim.SGD`` / ``torch.optim.AdamW``.
@@ -21,9 +22,12 @@ from torch import nn
 class RowSparseOptimizer(torch.optim.Optimizer):
     """Base class: resolves which rows a step updates and keeps the per-row state consistent.
 
+    The rows of a step are ``module.rows_to_update()``: every row sampled by a training forward
+    since the last ``step()`` or ``zero_grad()`` (both reset it), so gradient accumulation over
+    several forwards updates the union of their rows.
+
     Args:
-        module: the :class:`partial_fc.PartialFC` whose ``weight`` is optimised; its
-            ``sampled_index`` after the last forward says which rows to update.
+        module: the :class:`partial_fc.PartialFC` whose ``weight`` is optimised.
         defaults: hyper-parameters of the single param group.
     """
 
@@ -44,10 +48,23 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     def _rows(self, param: torch.Tensor) -> Optional[torch.Tensor]:
         """The rows to update this step, or None for every row."""
-        index = getattr(self.module, "sampled_index", None)
+        rows_to_update = getattr(self.module, "rows_to_update", None)
+        if rows_to_update is not None:
+            index = rows_to_update()
+        else:
+            index = getattr(self.module, "sampled_index", None)
         if index is None or index.numel() == param.shape[0]:
             return None
         return index.to(param.device)
+
+    def _consumed(self) -> None:
+        reset = getattr(self.module, "reset_rows_to_update", None)
+        if reset is not None:
+            reset()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._consumed()
 
     def _row_state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
@@ -110,6 +127,7 @@ class RowSparseSGD(RowSparseOptimizer):
                     self._dense_update(param, group)
                 else:
                     self._row_update(param, rows, group)
+        self._consumed()
         return loss
 
     def _dense_update(self, param, group):
@@ -192,6 +210,7 @@ class RowSparseAdamW(RowSparseOptimizer):
                     if rows is None:
                         rows = torch.arange(param.shape[0], device=param.device)
                     self._row_update(param, rows, state, group)
+        self._consumed()
         return loss
 
     def _uniform_update(self, param, state, group):

@@ -99,6 +99,10 @@ class PartialFC(nn.Module):
         # Sampling step counter: part of the state so a resumed run draws the same classes.
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
         self.sampled_index: Optional[torch.Tensor] = None
+        # Rows scored by training forwards since the optimizer last consumed them (several
+        # forwards per step with gradient accumulation); see rows_to_update().
+        self._pending_rows: list = []
+        self._pending_all = False
         self.last_stats: Dict[str, torch.Tensor] = {}
 
     @property
@@ -122,6 +126,20 @@ class PartialFC(nn.Module):
             return self.impl
         logit_bytes = 4 * int(global_batch) * int(num_scored)
         return "chunked" if logit_bytes > AUTO_CHUNKED_LOGIT_BYTES else "reference"
+
+    def rows_to_update(self) -> Optional[torch.Tensor]:
+        """Sorted local rows scored by the training forwards (with gradient) since the last
+        :meth:`reset_rows_to_update`: the rows whose gradient can be non-zero, which a row-sparse
+        optimizer updates. ``None`` means every row (some forward scored them all, or no forward
+        was recorded)."""
+        if self._pending_all or not self._pending_rows:
+            return None
+        if len(self._pending_rows) == 1:
+            return self._pending_rows[0]
+        return torch.unique(torch.cat(self._pending_rows))
+
+    def reset_rows_to_update(self) -> None:
+        self._pending_rows, self._pending_all = [], False
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
@@ -193,6 +211,11 @@ class PartialFC(nn.Module):
             )
         self.last_impl = impl
         self.sampled_index = index
+        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
+            if every_row:
+                self._pending_all = True
+            else:
+                self._pending_rows.append(index)
         self.last_stats = diagnostics
         if self.training:
             self.sample_step += 1

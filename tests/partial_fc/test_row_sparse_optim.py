@@ -213,3 +213,36 @@ def test_bad_arguments_raise():
         RowSparseAdamW(module, betas=(1.0, 0.9))
     with pytest.raises(TypeError, match="weight"):
         RowSparseSGD(torch.nn.ReLU(), lr=0.1)
+
+
+def test_gradient_accumulation_updates_the_union_of_sampled_rows():
+    module = _module(0.15, seed=9)
+    opt = RowSparseSGD(module, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    batches = _batches(3)
+    # A skipped step (zero_grad without step) forgets its rows.
+    module(*batches[0]).backward()
+    opt.zero_grad()
+    assert module.rows_to_update() is None
+    before = module.weight.detach().clone()
+    rows = []
+    for emb, labels in batches[1:]:
+        (module(emb, labels) * 0.5).backward()
+        rows.append(module.sampled_index.clone())
+    union = torch.unique(torch.cat(rows))
+    assert torch.equal(module.rows_to_update(), union)
+    assert len(union) > max(len(r) for r in rows)
+    grad = module.weight.grad.clone()
+    opt.step()
+    assert module.rows_to_update() is None
+    expected, _ = _reference_sgd([(before, grad, union)], 0.1, 0.9, 0.0, 1e-3, False)
+    torch.testing.assert_close(module.weight.detach(), expected, rtol=1e-12, atol=1e-14)
+    other = torch.ones(C, dtype=torch.bool)
+    other[union] = False
+    assert torch.equal(module.weight.detach()[other], before[other])
+    # Evaluation forwards and forwards without gradient record nothing.
+    module.eval()
+    module(*batches[0])
+    module.train()
+    with torch.no_grad():
+        module(*batches[0])
+    assert module.rows_to_update() is None and module._pending_rows == []
