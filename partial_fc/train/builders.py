@@ -10,6 +10,7 @@ from torch import nn
 
 import npc_head
 
+from ..optim import build_classifier_optimizer
 from ..partial_fc import PartialFC
 from .trainer import TrainSettings
 
@@ -41,7 +42,13 @@ def backbone_kwargs(model_cfg: DictConfig) -> dict:
     }
 
 
+GEMM_DTYPE_OF_PRECISION = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
 def build_classifier(cfg: DictConfig, num_classes: int, group=None) -> PartialFC:
+    """The sharded classifier; its GEMMs follow ``trainer.precision`` on CUDA (fp32 statistics
+    always)."""
+    on_cuda = str(cfg.trainer.device) in ("cuda", "auto") and torch.cuda.is_available()
     return PartialFC(
         build_head(cfg.head),
         embedding_size=int(cfg.model.embedding_size),
@@ -49,22 +56,28 @@ def build_classifier(cfg: DictConfig, num_classes: int, group=None) -> PartialFC
         sample_rate=float(cfg.head.sample_rate),
         process_group=group,
         seed=int(cfg.trainer.seed),
+        impl=str(cfg.head.impl),
+        block_size=None if cfg.head.block_size is None else int(cfg.head.block_size),
+        gemm_dtype=GEMM_DTYPE_OF_PRECISION[str(cfg.trainer.precision)] if on_cuda else None,
     )
 
 
 def build_optimizers(optim_cfg: DictConfig, backbone: nn.Module, classifier: PartialFC):
-    """(backbone optimizer, classifier optimizer): the classifier has its own, with LR
-    ``lr * classifier_lr_scale``."""
+    """(backbone optimizer, classifier optimizer). The classifier has its own row-sparse optimizer
+    (same rule and hyper-parameters, LR ``lr * classifier_lr_scale``): with Partial FC sampling
+    only the scored rows are updated, their momentum and weight decay included."""
     lr = float(optim_cfg.lr)
-    classifier_lr = lr * float(optim_cfg.classifier_lr_scale)
     wd = float(optim_cfg.weight_decay)
     if optim_cfg.name == "sgd":
-        make = lambda params, lr_: torch.optim.SGD(params, lr=lr_, momentum=float(optim_cfg.momentum),
-                                                   nesterov=bool(optim_cfg.nesterov), weight_decay=wd)
+        rule = dict(momentum=float(optim_cfg.momentum), nesterov=bool(optim_cfg.nesterov))
+        backbone_opt = torch.optim.SGD(backbone.parameters(), lr=lr, weight_decay=wd, **rule)
     else:
-        make = lambda params, lr_: torch.optim.AdamW(params, lr=lr_, betas=tuple(optim_cfg.betas),
-                                                     eps=float(optim_cfg.eps), weight_decay=wd)
-    return make(backbone.parameters(), lr), make([classifier.weight], classifier_lr)
+        rule = dict(betas=tuple(optim_cfg.betas), eps=float(optim_cfg.eps))
+        backbone_opt = torch.optim.AdamW(backbone.parameters(), lr=lr, weight_decay=wd, **rule)
+    classifier_opt = build_classifier_optimizer(
+        classifier, name=str(optim_cfg.name), lr=lr * float(optim_cfg.classifier_lr_scale),
+        weight_decay=wd, **rule)
+    return backbone_opt, classifier_opt
 
 
 def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:

@@ -10,6 +10,7 @@ from torch import nn
 import npc_head
 import partial_fc
 from partial_fc.data import DistributedShardSampler
+from partial_fc.optim import build_classifier_optimizer
 from partial_fc.train.data import AugmentedFaces, BatchStream
 from partial_fc.train.trainer import Trainer, TrainSettings
 
@@ -49,7 +50,7 @@ def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1
         start, count = partial_fc.shard_range(NUM_CLASSES, world_size, rank)
         classifier.weight.copy_(full_classifier_weight()[start:start + count])
     opt_b = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    opt_c = torch.optim.SGD([classifier.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_c = build_classifier_optimizer(classifier, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     data = MemoryFaces()
     sampler = DistributedShardSampler(len(data), world_size, rank, shuffle=True, seed=3)
     batches = BatchStream(AugmentedFaces(data, seed=3), sampler, batch_size, num_workers=0)
