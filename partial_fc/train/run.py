@@ -4,17 +4,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .config import validate_config
-from .env import detect_env, init_distributed, select_device
+from .env import DistEnv, detect_env, init_distributed, select_device
 
 log = logging.getLogger("partial_fc.train")
+
+
+@dataclass
+class PreparedData:
+    """The dataset as found on disk, checked against the config before any process group."""
+
+    root: Path
+    dataset: object
+    num_classes: int
+    val_paths: List[Path]
 
 
 def _setup_logging(rank: int) -> None:
@@ -35,54 +46,44 @@ def _setup_determinism(cfg: DictConfig, rank: int) -> None:
 
     seed_everything(int(cfg.trainer.seed) * 100003 + rank)
     if cfg.trainer.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
-    """Train as ``cfg`` says, writing into ``run_dir``; returns the summary (also on disk)."""
-    validate_config(cfg)  # before any process group, file or download
-    env = detect_env()
-    _setup_logging(env.rank)
-    device = select_device(str(cfg.trainer.device), env)
-    _setup_threads(cfg, env.local_world_size)
+def prepare_data(cfg: DictConfig, is_local_main: bool) -> PreparedData:
+    """Find (or generate) the dataset, open it and check ``data.num_classes`` and ``val_bins``."""
+    from .data import check_num_classes, dataset_root, open_dataset, resolve_val_bins
 
-    from ..data import FaceRecordDataset  # noqa: F401  (fail early if the data layer is absent)
+    root = dataset_root(cfg.data, is_local_main=is_local_main)
+    dataset = open_dataset(cfg.data, root)
+    return PreparedData(root, dataset, check_num_classes(cfg.data, dataset), resolve_val_bins(cfg.data, root))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, env: DistEnv,
+                  device: torch.device):
+    """Every training object, built from the config (the process group must exist already)."""
+    from ..data import DistributedShardSampler
     from ..eval.verification import load_verification_set
     from ..models import save_backbone
     from . import builders
-    from .data import (AugmentedFaces, BatchStream, check_num_classes, dataset_root, open_dataset,
-                       resolve_val_bins)
+    from .data import AugmentedFaces, BatchStream
     from .trainer import Trainer
 
-    root = dataset_root(cfg.data, is_local_main=env.local_rank == 0)
-    base = open_dataset(cfg.data, root)
-    num_classes = check_num_classes(cfg.data, base)
-    val_paths = resolve_val_bins(cfg.data, root)
-
-    init_distributed(env, device, float(cfg.trainer.collective_timeout_s))
     group = dist.group.WORLD if env.distributed else None
-    _setup_determinism(cfg, env.rank)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-    from ..data import DistributedShardSampler
-
-    sampler = DistributedShardSampler(len(base), env.world_size, env.rank, shuffle=True,
+    sampler = DistributedShardSampler(len(data.dataset), env.world_size, env.rank, shuffle=True,
                                       seed=int(cfg.trainer.seed), drop_last=bool(cfg.data.drop_last))
-    batches = BatchStream(AugmentedFaces(base, int(cfg.trainer.seed)), sampler,
+    batches = BatchStream(AugmentedFaces(data.dataset, int(cfg.trainer.seed)), sampler,
                           int(cfg.data.batch_size), int(cfg.data.num_workers),
                           pin_memory=device.type == "cuda")
     backbone = builders.build_backbone(cfg.model).to(device)
     if cfg.trainer.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    classifier = builders.build_classifier(cfg, num_classes, group).to(device)
+    classifier = builders.build_classifier(cfg, data.num_classes, group).to(device)
     opt_b, opt_c = builders.build_optimizers(cfg.optim, backbone, classifier)
-    val_sets = [load_verification_set(p, progress=False) for p in val_paths]
+    val_sets = [load_verification_set(p, progress=False) for p in data.val_paths]
     kwargs = builders.backbone_kwargs(cfg.model)
 
     def write_backbone(path):
@@ -93,10 +94,28 @@ def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
                       group=group, rank=env.rank, world_size=env.world_size)
     if cfg.trainer.compile:
         trainer.model = torch.compile(trainer.model)
+    return trainer
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the summary (also on disk)."""
+    validate_config(cfg)  # before any process group, file or download
+    env = detect_env()
+    _setup_logging(env.rank)
+    device = select_device(str(cfg.trainer.device), env)
+    _setup_threads(cfg, env.local_world_size)
+    data = prepare_data(cfg, is_local_main=env.local_rank == 0)
+
+    init_distributed(env, device, float(cfg.trainer.collective_timeout_s))
     try:
+        _setup_determinism(cfg, env.rank)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        trainer = build_trainer(cfg, run_dir, data, env, device)
         summary = trainer.fit()
         summary.update(world_size=env.world_size, launcher=env.launcher, device=str(device),
-                       num_classes=num_classes, dataset=str(root))
+                       num_classes=data.num_classes, dataset=str(data.root))
         if env.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary

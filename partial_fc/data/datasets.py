@@ -1,0 +1,383 @@
+"""Face-recognition datasets: InsightFace / im2rec RecordIO files and image folders.
+
+Items are ``(image, label)``; with ``transform=None`` the image is the decoded uint8 HxWx3 RGB
+array, otherwise ``transform(image)``. A sample whose payload cannot be used (an undecodable image,
+an unreadable image header, a label that contradicts the identity ranges) is a *bad sample*:
+``on_bad_image="raise"`` raises BadSampleError naming the file, key and offset;
+``on_bad_image="skip"`` logs it, counts it in ``skipped`` and returns the next usable sample in
+index order instead, with that sample's own label (labels never shift). Damaged RecordIO framing
+always raises RecordIOError, and a label outside ``[0, num_classes)`` always raises LabelError: both
+mean the file (or its ``property``) is wrong, not just one picture.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .image import ImageDecodeError, decode_image
+from .recordio import RecordIOError, RecordIOReader, unpack
+
+__all__ = [
+    "BadSampleError",
+    "LabelError",
+    "FaceRecordDataset",
+    "ImageFolderDataset",
+    "read_property",
+    "IMAGE_EXTENSIONS",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_BAD_IMAGE_POLICIES = ("raise", "skip")
+_MAX_CONSECUTIVE_SKIPS = 64
+
+PathLike = Union[str, os.PathLike]
+
+
+class BadSampleError(ValueError):
+    """A sample's payload is unusable (undecodable image, unreadable header, mislabelled)."""
+
+
+class LabelError(ValueError):
+    """A label lies outside [0, num_classes) or the dataset's class metadata is inconsistent."""
+
+
+def read_property(path: PathLike) -> Tuple[int, int, int]:
+    """Parse an InsightFace ``property`` file ``num_classes,height,width``."""
+    path = Path(path)
+    text = path.read_text().strip()
+    try:
+        fields = [int(x) for x in text.split(",")]
+        if len(fields) != 3 or fields[0] < 0:
+            raise ValueError
+    except ValueError:
+        raise LabelError(f"{path}: malformed property {text[:60]!r} (expected 'num_classes,H,W')") from None
+    return fields[0], fields[1], fields[2]
+
+
+def _label_to_class(label) -> Optional[int]:
+    """Class index from an IRHeader label (float, or array whose first element is the class);
+    None when it is not a finite integral value (a damaged record)."""
+    if isinstance(label, np.ndarray):
+        if label.size == 0:
+            return None
+        label = label.flat[0]
+    value = float(label)
+    if not math.isfinite(value) or value != int(value):
+        return None
+    return int(value)
+
+
+class _BadSamplePolicy:
+    """Shared raise/skip handling. Subclasses implement ``_load(index)``."""
+
+    def _init_policy(self, on_bad_image: str):
+        if on_bad_image not in _BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {_BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+        self.on_bad_image = on_bad_image
+        self.skipped = 0  # per process: each DataLoader worker counts its own
+        self.skipped_indices: List[int] = []
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        first_error = None
+        for attempt in range(min(n, _MAX_CONSECUTIVE_SKIPS + 1)):
+            i = (index + attempt) % n
+            try:
+                return self._load(i)
+            except BadSampleError as err:
+                if self.on_bad_image == "raise":
+                    raise
+                self.skipped += 1
+                self.skipped_indices.append(i)
+                log.warning("skipping bad sample (index %d): %s", i, err)
+                first_error = first_error or err
+        raise BadSampleError(
+            f"{_MAX_CONSECUTIVE_SKIPS + 1} consecutive bad samples from index {index}; first: {first_error}"
+        )
+
+    def _load(self, index: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FaceRecordDataset(_BadSamplePolicy):
+    """Images and labels from an MXNet RecordIO face dataset.
+
+    ``root`` is a folder with ``train.rec`` and ``train.idx`` (and, optionally, ``property``), or
+    the path of a ``.rec`` file. Two layouts are recognised:
+
+    - InsightFace: record 0 holds a header (flag > 0, empty payload, label ``[N+1, N+1+C]``);
+      images are keys 1..N, and keys N+1..N+C hold each identity's ``[first key, end key)``.
+      ``num_classes`` is C; a ``property`` file that says otherwise raises LabelError. With
+      ``check_labels`` every image's label must match the identity range holding its key.
+    - im2rec: every key is an image, in key order; ``num_classes`` comes from ``property``, the
+      ``num_classes`` argument, or (neither given) one scan of the labels.
+
+    Without ``train.idx`` the index is built by one scan of the file (keys = record order, as
+    MXNet writes them), and saved beside it with ``save_index=True``.
+    ``return_key=True`` makes items ``(image, label, key)``.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        transform: Optional[Callable] = None,
+        *,
+        on_bad_image: str = "raise",
+        num_classes: Optional[int] = None,
+        check_labels: bool = True,
+        return_key: bool = False,
+        name: str = "train",
+        save_index: bool = False,
+    ):
+        self._init_policy(on_bad_image)
+        root = Path(root)
+        if root.suffix == ".rec" and root.is_file():
+            rec_path, root = root, root.parent
+            name = rec_path.stem
+        else:
+            rec_path = root / f"{name}.rec"
+        idx_path = rec_path.with_suffix(".idx")
+        if not rec_path.is_file():
+            raise FileNotFoundError(f"no RecordIO file {rec_path}")
+        self.root = root
+        self.transform = transform
+        self.return_key = return_key
+        self.check_labels = check_labels
+        if idx_path.is_file():
+            self.reader = RecordIOReader(rec_path, idx_path)
+        else:
+            log.warning("%s: no index %s; scanning the file (keys = record order)", rec_path, idx_path.name)
+            self.reader = RecordIOReader(rec_path, None, build_index=True)
+            if save_index:
+                self.reader.save_index(idx_path)
+        prop_path = root / "property"
+        self.property_path = prop_path if prop_path.is_file() else None
+        prop = read_property(prop_path) if self.property_path else None
+        self.image_size = (prop[1], prop[2]) if prop else None
+
+        header = self._read_layout_header()
+        self._key_class: Optional[np.ndarray] = None
+        self.identity_ranges: Optional[np.ndarray] = None
+        if header is not None:
+            self.layout = "insightface"
+            first_identity_key, end_identity_key = header
+            self.keys = np.arange(1, first_identity_key, dtype=np.int64)
+            header_classes = end_identity_key - first_identity_key
+            self._check_agreement("the header record", header_classes, prop, num_classes)
+            self.num_classes = header_classes
+            missing = np.setdiff1d(np.arange(1, end_identity_key), self.reader.key_array)
+            if missing.size:
+                raise RecordIOError(
+                    f"key not found in {self.reader.idx_path or 'the scanned index'} "
+                    f"({missing.size} of the header's keys 1..{end_identity_key - 1} are missing)",
+                    rec_path,
+                    key=int(missing[0]),
+                )
+            if check_labels:
+                self._load_identity_ranges(first_identity_key, end_identity_key)
+        else:
+            self.layout = "im2rec"
+            self.keys = np.sort(self.reader.key_array)
+            if prop is not None:
+                self._check_agreement("property", prop[0], None, num_classes)
+                self.num_classes = prop[0]
+            elif num_classes is not None:
+                self.num_classes = int(num_classes)
+            else:
+                self.num_classes = self._scan_num_classes()
+
+    # ------------------------------------------------------------------ metadata
+    def _read_layout_header(self):
+        """(first identity key, end identity key) for the InsightFace layout, else None."""
+        if 0 not in self.reader:
+            return None
+        raw = self.reader.read(0)
+        try:
+            head, payload = unpack(raw)
+        except ValueError:
+            return None
+        if head.flag < 2 or len(payload) != 0:
+            return None
+        first, end = float(head.label[0]), float(head.label[1])
+        if first != int(first) or end != int(end) or not 1 <= first <= end:
+            raise LabelError(
+                f"{self.reader.rec_path}: key 0: header record label {head.label.tolist()} is not "
+                "[first identity key, end identity key)"
+            )
+        return int(first), int(end)
+
+    def _check_agreement(self, source: str, value: int, prop, requested):
+        if prop is not None and prop[0] != value:
+            raise LabelError(
+                f"{self.property_path}: property says {prop[0]} classes but {source} of "
+                f"{self.reader.rec_path} says {value}"
+            )
+        if requested is not None and int(requested) != value:
+            raise LabelError(f"num_classes={requested} was requested but {source} says {value}")
+
+    def _load_identity_ranges(self, first_key: int, end_key: int):
+        n_images = first_key - 1
+        ranges = np.zeros((end_key - first_key, 2), dtype=np.int64)
+        key_class = np.full(n_images, -1, dtype=np.int32)
+        rec = self.reader.rec_path
+        for j, key in enumerate(range(first_key, end_key)):
+            try:
+                head, _ = unpack(self.reader.read(key))
+            except ValueError as err:
+                if isinstance(err, RecordIOError):
+                    raise
+                raise RecordIOError(f"unreadable identity record of class {j}: {err}", rec, key=key) from None
+            if head.flag < 2:
+                raise LabelError(f"{rec}: key {key}: identity record of class {j} has no [start, end) label")
+            start, end = int(head.label[0]), int(head.label[1])
+            if end <= start:
+                raise LabelError(
+                    f"{rec}: key {key}: identity {j} has no images (range [{start}, {end}))"
+                )
+            if start < 1 or end > first_key:
+                raise LabelError(
+                    f"{rec}: key {key}: identity {j} range [{start}, {end}) lies outside the image "
+                    f"keys [1, {first_key})"
+                )
+            ranges[j] = start, end
+            key_class[start - 1 : end - 1] = j
+        self.identity_ranges = ranges
+        self._key_class = key_class
+
+    def _scan_num_classes(self) -> int:
+        top = -1
+        for key in self.keys.tolist():
+            head, _ = unpack(self.reader.read(key))
+            cls = _label_to_class(head.label)
+            if cls is None or cls < 0:
+                raise LabelError(f"{self.reader.rec_path}: key {key}: label {head.label} is not a class index")
+            top = max(top, cls)
+        return top + 1
+
+    # ------------------------------------------------------------------ items
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+    def key_of(self, index: int) -> int:
+        """RecordIO key of item ``index``."""
+        return int(self.keys[index])
+
+    def read_record(self, index: int):
+        """``(IRHeader, payload bytes)`` of item ``index`` without decoding."""
+        key = int(self.keys[index])
+        try:
+            return unpack(self.reader.read(key))
+        except RecordIOError:
+            raise
+        except ValueError as err:
+            raise BadSampleError(self._where(key) + f": unreadable image header: {err}") from None
+
+    def _where(self, key: int) -> str:
+        try:
+            offset = self.reader.offset_of(key)
+        except RecordIOError:
+            offset = "?"
+        return f"{self.reader.rec_path}: key {key}: offset {offset}"
+
+    def label_of(self, index: int) -> int:
+        """Class of item ``index`` (reads the record's header, decodes nothing)."""
+        head, _ = self.read_record(index)
+        return self._checked_class(int(self.keys[index]), head.label)
+
+    def _checked_class(self, key: int, label) -> int:
+        cls = _label_to_class(label)
+        if cls is None:
+            raise BadSampleError(self._where(key) + f": label {label} is not a class index")
+        if not 0 <= cls < self.num_classes:
+            raise LabelError(self._where(key) + f": label {cls} outside [0, {self.num_classes})")
+        if self._key_class is not None:
+            expected = int(self._key_class[key - 1])
+            if expected >= 0 and expected != cls:
+                raise BadSampleError(
+                    self._where(key) + f": label {cls} contradicts the header, which puts this key "
+                    f"in identity {expected}"
+                )
+        return cls
+
+    def _load(self, index: int):
+        key = int(self.keys[index])
+        head, payload = self.read_record(index)
+        label = self._checked_class(key, head.label)
+        try:
+            image = decode_image(payload)
+        except ImageDecodeError as err:
+            raise BadSampleError(self._where(key) + f": {err}") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return (image, label, key) if self.return_key else (image, label)
+
+    def __repr__(self):
+        return (
+            f"FaceRecordDataset({str(self.root)!r}, layout={self.layout}, images={len(self)}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+class ImageFolderDataset(_BadSamplePolicy):
+    """Images in one sub-folder per identity: ``root/<identity>/<image>``.
+
+    Identities are the sub-folders in sorted name order (class 0, 1, ...); images within an
+    identity are sorted by file name. An identity folder without images raises LabelError.
+    ``return_key=True`` makes items ``(image, label, path)``.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        transform: Optional[Callable] = None,
+        *,
+        on_bad_image: str = "raise",
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        return_key: bool = False,
+    ):
+        self._init_policy(on_bad_image)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.transform = transform
+        self.return_key = return_key
+        exts = tuple(e.lower() for e in extensions)
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise LabelError(f"{self.root}: no identity folders")
+        self.samples: List[Tuple[Path, int]] = []
+        for label, name in enumerate(self.classes):
+            files = sorted(
+                p for p in (self.root / name).iterdir() if p.is_file() and p.suffix.lower() in exts
+            )
+            if not files:
+                raise LabelError(f"{self.root / name}: identity {label} ({name!r}) has no images")
+            self.samples.extend((p, label) for p in files)
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = decode_image(path.read_bytes())
+        except ImageDecodeError as err:
+            raise BadSampleError(f"{path}: {err}") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return (image, label, str(path)) if self.return_key else (image, label)
+
+    def __repr__(self):
+        return f"ImageFolderDataset({str(self.root)!r}, images={len(self)}, num_classes={self.num_classes})"

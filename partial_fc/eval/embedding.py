@@ -1,0 +1,100 @@
+"""Flip-fused embeddings of uint8 face crops, in batches, on the model's device."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W RGB -> float32 (x - 127.5) / 128, the ArcFace input convention."""
+    return (images_uint8.float() - 127.5) / 128.0
+
+
+def to_chw_tensor(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 images N x H x W x 3 (numpy, as `load_bin` gives them) or N x 3 x H x W -> N x 3 x H x W."""
+    t = torch.as_tensor(images)
+    if t.dtype != torch.uint8 or t.ndim != 4:
+        raise ValueError(f"expected uint8 images of rank 4, got {t.dtype} {tuple(t.shape)}")
+    if t.shape[1] != 3 and t.shape[3] == 3:
+        t = t.permute(0, 3, 1, 2)
+    if t.shape[1] != 3:
+        raise ValueError(f"expected 3-channel images, got shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for parameterless modules)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def embed_batch(model: nn.Module, batch_uint8: torch.Tensor, flip: bool = True,
+                device: Optional[torch.device] = None,
+                autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Unnormalised (flip-fused when `flip`) float32 embeddings of one uint8 NCHW batch.
+
+    With `flip`, an image and its horizontal mirror go through the model in one batch and their
+    embeddings are summed.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    x = preprocess(batch_uint8.to(device, non_blocking=True))
+    if flip:
+        x = torch.cat([x, torch.flip(x, dims=[3])])
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        emb = model(x)
+    emb = emb.float()
+    if flip:
+        n = batch_uint8.shape[0]
+        emb = emb[:n] + emb[n:]
+    return emb
+
+
+def iter_batches(images: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start:start + batch_size]
+
+
+def embed_images(model: nn.Module, images: Union[np.ndarray, torch.Tensor], batch_size: int = 128,
+                 device: Optional[Union[str, torch.device]] = None, flip: bool = True,
+                 autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
+                 desc: str = "embedding") -> Tuple[np.ndarray, np.ndarray]:
+    """Embeddings of uint8 face crops: (L2-normalised float32 N x D, their norms before normalising).
+
+    The model runs in eval mode under no_grad (its train/eval mode is restored afterwards) on
+    `device`, default the model's own device.
+    """
+    chw = to_chw_tensor(images)
+    if device is None:
+        device = model_device(model)
+    device = torch.device(device)
+    if device.type == "cuda":
+        chw = chw.pin_memory()
+    chunks = []
+    with eval_mode(model):
+        for batch in tqdm(iter_batches(chw, batch_size), total=-(-chw.shape[0] // batch_size),
+                          desc=desc, disable=not progress, leave=False):
+            chunks.append(embed_batch(model, batch, flip, device, autocast_dtype).cpu())
+    emb = torch.cat(chunks).double()
+    norms = emb.norm(dim=1)
+    normalized = emb / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+    return normalized.float().numpy(), norms.float().numpy()
