@@ -45,7 +45,7 @@ class AugmentedFaces(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: Tuple[int, int]):
-        from ..data import normalize_image
+        from ..data.transforms import normalize_image
 
         epoch, index = key
         image, label = self.base[index]

@@ -1,0 +1,81 @@
+"""The training step equals single-process training: DDP, accumulation, skipped steps."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_harness import run_workers
+from trainer_fixtures import linear_backbone, make_trainer, parameters_of
+
+
+def _ddp_worker(rank, world_size, run_dir, steps):
+    trainer = make_trainer(run_dir, rank, world_size, batch_size=6, group=dist.group.WORLD)
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    return losses, parameters_of(trainer)
+
+
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+    steps = 3
+    results = run_workers(_ddp_worker, 2, str(tmp_path / "ddp"), steps)
+    single = make_trainer(tmp_path / "single", batch_size=12)
+    losses = [single.train_step()["loss"] for _ in range(steps)]
+    ref = parameters_of(single)
+    for rank_losses, params in results:
+        assert rank_losses == pytest.approx(losses, rel=1e-5)
+        for got, want in zip(params["backbone"], ref["backbone"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    rows = torch.cat([params["classifier"] for _, params in results])
+    torch.testing.assert_close(rows, ref["classifier"], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    accumulated = make_trainer(tmp_path / "a", batch_size=6, grad_accum=2)
+    whole = make_trainer(tmp_path / "b", batch_size=12, grad_accum=1)
+    for _ in range(2):
+        ra, rb = accumulated.train_step(), whole.train_step()
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+    pa, pb = parameters_of(accumulated), parameters_of(whole)
+    for x, y in zip(pa["backbone"] + [pa["classifier"]], pb["backbone"] + [pb["classifier"]]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert accumulated.batches.sampler.position == whole.batches.sampler.position == 24
+
+
+class NaNOnCall(nn.Module):
+    """Wraps a backbone; its output on the given forward call is NaN."""
+
+    def __init__(self, inner, bad_call):
+        super().__init__()
+        self.inner, self.bad_call, self.calls = inner, bad_call, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.inner(x)
+        return out * float("nan") if self.calls == self.bad_call else out
+
+
+def test_non_finite_step_is_skipped_and_weights_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, batch_size=8, backbone=NaNOnCall(linear_backbone(), bad_call=2))
+    trainer.train_step()
+    before = parameters_of(trainer)
+    record = trainer.train_step()
+    assert not math.isfinite(record["loss"]) and record["skipped_steps"] == 1
+    after = parameters_of(trainer)
+    for x, y in zip(before["backbone"] + [before["classifier"]], after["backbone"] + [after["classifier"]]):
+        assert torch.equal(x, y)
+    record = trainer.train_step()
+    assert math.isfinite(record["loss"]) and trainer.skipped_steps == 1 and trainer.step == 3
+    assert any(not torch.equal(x, y) for x, y in zip(after["backbone"], parameters_of(trainer)["backbone"]))
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    clipped = make_trainer(tmp_path / "c", batch_size=8, clip_grad_norm=1e-3)
+    free = make_trainer(tmp_path / "f", batch_size=8)
+    start = parameters_of(clipped)
+    rc, rf = clipped.train_step(), free.train_step()
+    assert rc["grad_norm"] == pytest.approx(rf["grad_norm"])  # reported before clipping
+    moved_c = sum((a - b).norm() ** 2 for a, b in zip(parameters_of(clipped)["backbone"], start["backbone"]))
+    moved_f = sum((a - b).norm() ** 2 for a, b in zip(parameters_of(free)["backbone"], start["backbone"]))
+    assert moved_c < moved_f

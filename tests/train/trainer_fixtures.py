@@ -1,0 +1,64 @@
+"""Small in-memory pieces to drive the real Trainer in tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import npc_head
+import partial_fc
+from partial_fc.data import DistributedShardSampler
+from partial_fc.train.data import AugmentedFaces, BatchStream
+from partial_fc.train.trainer import Trainer, TrainSettings
+
+NUM_CLASSES, DIM, SIDE = 13, 16, 8
+
+
+class MemoryFaces(torch.utils.data.Dataset):
+    """Deterministic random uint8 images with labels."""
+
+    def __init__(self, n=96, seed=0):
+        rng = np.random.default_rng(seed)
+        self.images = rng.integers(0, 256, size=(n, SIDE, SIDE, 3), dtype=np.uint8)
+        self.labels = rng.integers(0, NUM_CLASSES, size=n)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def linear_backbone(seed=0):
+    """No BatchNorm, so per-rank and whole-batch statistics cannot differ."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, 32), nn.Tanh(), nn.Linear(32, DIM))
+
+
+def full_classifier_weight(seed=1):
+    return torch.randn(NUM_CLASSES, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1, backbone=None,
+                 head=None, max_steps=10, group=None, **settings):
+    backbone = backbone or linear_backbone()
+    classifier = partial_fc.PartialFC(head or npc_head.NPCFace(s=16.0), DIM, NUM_CLASSES, process_group=group)
+    with torch.no_grad():
+        start, count = partial_fc.shard_range(NUM_CLASSES, world_size, rank)
+        classifier.weight.copy_(full_classifier_weight()[start:start + count])
+    opt_b = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_c = torch.optim.SGD([classifier.weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    data = MemoryFaces()
+    sampler = DistributedShardSampler(len(data), world_size, rank, shuffle=True, seed=3)
+    batches = BatchStream(AugmentedFaces(data, seed=3), sampler, batch_size, num_workers=0)
+    s = TrainSettings(run_dir=Path(run_dir), max_steps=max_steps, grad_accum=grad_accum,
+                      progress_bar=False, log_every=1, checkpoint_every=1000, **settings)
+    return Trainer(s, backbone, classifier, opt_b, opt_c, batches, torch.device("cpu"),
+                   group=group, rank=rank, world_size=world_size)
+
+
+def parameters_of(trainer):
+    return {"backbone": [p.detach().clone() for p in trainer.backbone.parameters()],
+            "classifier": trainer.classifier.weight.detach().clone()}
