@@ -17,17 +17,16 @@
 #   PFC_JOIN_TIMEOUT    seconds the rendezvous waits for all nodes          [900]
 #   PFC_LOCAL_ADDR      address other nodes reach this one by (--local-addr) [unset: its hostname]
 #   PFC_TORCHRUN        the launcher command                                [torchrun]
-#   PFC_REPO            repository root                                     [two levels above this file]
 #   PFC_DRY_RUN=1       print the command line instead of running it
 # Arguments: Hydra overrides for launch/train.py. They follow `trainer.resume=auto`, so a later
 # `trainer.resume=...` of yours wins (the last override of a key wins in Hydra).
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="${PFC_REPO:-$(cd "$here/../.." && pwd)}"
+# The checkout this file belongs to (inside a container: the image's copy).
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 train_py="$repo/launch/train.py"
 if [[ ! -f "$train_py" ]]; then
-    echo "torchrun_cmd.sh: $train_py not found (set PFC_REPO to the repository root)" >&2
+    echo "torchrun_cmd.sh: $train_py not found" >&2
     exit 2
 fi
 
