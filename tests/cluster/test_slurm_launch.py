@@ -147,6 +147,7 @@ def _snapshot(folder: Path):
     return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.glob("*"))}
 
 
+@pytest.mark.slow
 def test_sbatch_trains_on_two_nodes_and_a_requeued_job_resumes(tmp_path):
     """train.sbatch under stand-in srun: two torchrun agents (--nnodes=2 --nproc-per-node=1) meet
     at a c10d rendezvous on 127.0.0.1 and train on CPU. The first start stops after step 4
@@ -165,7 +166,7 @@ def test_sbatch_trains_on_two_nodes_and_a_requeued_job_resumes(tmp_path):
     try:
         assert first.wait_for("[srun stand-in] node 1/2", 30), first.tail()
         first.signal(signal.SIGUSR1)  # the time-limit warning, while the step runs
-        rc = first.finish(timeout=150)
+        rc = first.finish(timeout=120)
     finally:
         first.finish(timeout=0)
     assert rc == 0, first.tail()
@@ -186,7 +187,7 @@ def test_sbatch_trains_on_two_nodes_and_a_requeued_job_resumes(tmp_path):
     env["SLURM_RESTART_COUNT"] = "1"
     second = ScriptRun(["bash", str(SBATCH), *_tiny_run(tmp_path)], env, tmp_path)
     try:
-        rc = second.finish(timeout=150)
+        rc = second.finish(timeout=120)
     finally:
         second.finish(timeout=0)
     assert rc == 0, second.tail()
