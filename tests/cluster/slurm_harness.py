@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -16,7 +17,21 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "launch" / "slurm"
-STANDINS = Path(__file__).resolve().parent / "standins"
+_STANDINS_SOURCE = Path(__file__).resolve().parent / "standins"
+
+
+def _executable_standins() -> Path:
+    """The stand-in Slurm commands, executable (a copy if the checkout lost the exec bits)."""
+    if all(os.access(f, os.X_OK) for f in _STANDINS_SOURCE.iterdir()):
+        return _STANDINS_SOURCE
+    copy = Path(tempfile.mkdtemp(prefix="pfc-standins-"))
+    for f in _STANDINS_SOURCE.iterdir():
+        shutil.copy(f, copy / f.name)
+        (copy / f.name).chmod(0o755)
+    return copy
+
+
+STANDINS = _executable_standins()
 
 # Variables that would make the launched processes believe they are already part of a job.
 _JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
