@@ -12,6 +12,10 @@ into logits. Per step, for the global batch:
    return ``None``.
 3. ``negative_logits(cos, prep)`` maps cosines to (unscaled) negative logits, elementwise per
    row; the target column's value is discarded.
+   ``negative_logit_slope(cos, prep)`` is its elementwise derivative d logit / d cos, which the
+   chunked classifier needs to form gradients without autograd over the tiles; ``None`` means 1.
+   The default derives it with autograd (or returns ``None`` for the identity mapping); heads
+   may override it with a closed form.
 4. ``positive_logit(target_cos, prep, stats)`` gives the (unscaled) target logit from the
    differentiable target cosine of the rows this rank owns, with ``prep`` and ``stats`` restricted
    to those rows.
@@ -71,6 +75,18 @@ class MarginHead(nn.Module):
 
     def negative_logits(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
         return cos
+
+    def negative_logit_slope(self, cos: torch.Tensor, prep: Prep) -> Optional[torch.Tensor]:
+        """Elementwise d negative_logits / d cos (``None``: identically 1)."""
+        if type(self).negative_logits is MarginHead.negative_logits:
+            return None
+        with torch.enable_grad():
+            c = cos.detach().requires_grad_(True)
+            logits = self.negative_logits(c, prep)
+            if not logits.requires_grad:
+                return torch.zeros_like(cos)
+            (slope,) = torch.autograd.grad(logits, c, torch.ones_like(logits), allow_unused=True)
+        return torch.zeros_like(cos) if slope is None else slope
 
     def positive_logit(
         self, target_cos: torch.Tensor, prep: Prep, stats: Optional[torch.Tensor]

@@ -50,6 +50,11 @@ class NPCFace(MarginHead):
         hard = cos > prep["tau"][:, None]
         return torch.where(hard, cos * self.t + self.alpha, cos)
 
+    def negative_logit_slope(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
+        hard = cos > prep["tau"][:, None]
+        one = torch.ones((), dtype=cos.dtype, device=cos.device)
+        return torch.where(hard, one * self.t, one)
+
     def margin(self, stats: torch.Tensor) -> torch.Tensor:
         """m_i from the all-reduced statistics (float64, no gradient)."""
         return self.m0 + self.m1 * stats[:, 0] / stats[:, 1].clamp(min=1.0)

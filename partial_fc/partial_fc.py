@@ -6,10 +6,22 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .chunked import chunked_margin_loss
 from .distributed import ProcessGroupInfo, all_gather_rows, gather_sizes
 from .margin_loss import materialized_margin_loss
 from .sampling import sample_classes, sampling_seed
 from .sharding import shard_range
+
+IMPLS = ("auto", "reference", "chunked")
+GEMM_DTYPES = {
+    None: None, "auto": None,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32,
+}
+# impl="auto" picks the chunked path once the [global batch x scored classes] fp32 logits of the
+# reference path would exceed this many bytes (see README, "Classifier implementations").
+AUTO_CHUNKED_LOGIT_BYTES = 64 * 2**20
 
 
 class PartialFC(nn.Module):
@@ -31,6 +43,16 @@ class PartialFC(nn.Module):
         process_group: the group to shard over; None means the default group when
             ``torch.distributed`` is initialised, else a single process.
         seed: base seed of the class sampling (per rank and step, see ``sampling_seed``).
+        impl: ``"reference"`` materialises the [global batch x scored classes] logits;
+            ``"chunked"`` walks the classes in blocks (:func:`partial_fc.chunked.chunked_margin_loss`),
+            same results without that memory; ``"auto"`` (default) picks per step: chunked when
+            the reference's fp32 logits would exceed ``AUTO_CHUNKED_LOGIT_BYTES``. The choice of
+            the last forward is ``last_impl``.
+        block_size: classes per block of the chunked path; None picks by device and batch
+            (:func:`partial_fc.chunked.default_block_size`).
+        gemm_dtype: input dtype of the chunked path's GEMMs (``"bfloat16"``, ``"float16"``,
+            ``"float32"``); None follows autocast, else the embeddings' dtype. Statistics and the
+            softmax stay in fp32 or wider.
     """
 
     def __init__(
@@ -41,10 +63,22 @@ class PartialFC(nn.Module):
         sample_rate: float = 1.0,
         process_group=None,
         seed: int = 0,
+        impl: str = "auto",
+        block_size: Optional[int] = None,
+        gemm_dtype: Optional[str] = None,
     ):
         super().__init__()
         if not 0.0 < float(sample_rate) <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if block_size is not None and (
+            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+        ):
+            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        if gemm_dtype not in GEMM_DTYPES:
+            names = sorted(k for k in GEMM_DTYPES if k is not None)
+            raise ValueError(f"gemm_dtype must be None or one of {names}, got {gemm_dtype!r}")
         if int(embedding_size) < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         self.pg = ProcessGroupInfo(process_group)
@@ -53,6 +87,10 @@ class PartialFC(nn.Module):
         self.num_classes = int(num_classes)
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)
+        self.impl = impl
+        self.block_size = block_size
+        self.gemm_dtype = GEMM_DTYPES[gemm_dtype]
+        self.last_impl: Optional[str] = None
         self.class_start, self.num_local = shard_range(
             self.num_classes, self.pg.world_size, self.pg.rank
         )
@@ -61,6 +99,10 @@ class PartialFC(nn.Module):
         # Sampling step counter: part of the state so a resumed run draws the same classes.
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
         self.sampled_index: Optional[torch.Tensor] = None
+        # Rows scored by training forwards since the optimizer last consumed them (several
+        # forwards per step with gradient accumulation); see rows_to_update().
+        self._pending_rows: list = []
+        self._pending_all = False
         self.last_stats: Dict[str, torch.Tensor] = {}
 
     @property
@@ -75,8 +117,29 @@ class PartialFC(nn.Module):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"class_start={self.class_start}, num_local={self.num_local}, "
-            f"sample_rate={self.sample_rate}, world_size={self.world_size}"
+            f"sample_rate={self.sample_rate}, world_size={self.world_size}, impl={self.impl}"
         )
+
+    def resolve_impl(self, global_batch: int, num_scored: int) -> str:
+        """The implementation a step with these sizes runs: ``impl`` unless it is ``"auto"``."""
+        if self.impl != "auto":
+            return self.impl
+        logit_bytes = 4 * int(global_batch) * int(num_scored)
+        return "chunked" if logit_bytes > AUTO_CHUNKED_LOGIT_BYTES else "reference"
+
+    def rows_to_update(self) -> Optional[torch.Tensor]:
+        """Sorted local rows scored by the training forwards (with gradient) since the last
+        :meth:`reset_rows_to_update`: the rows whose gradient can be non-zero, which a row-sparse
+        optimizer updates. ``None`` means every row (some forward scored them all, or no forward
+        was recorded)."""
+        if self._pending_all or not self._pending_rows:
+            return None
+        if len(self._pending_rows) == 1:
+            return self._pending_rows[0]
+        return torch.unique(torch.cat(self._pending_rows))
+
+    def reset_rows_to_update(self) -> None:
+        self._pending_rows, self._pending_all = [], False
 
     def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
@@ -107,19 +170,20 @@ class PartialFC(nn.Module):
         return generator
 
     def _select_classes(self, local_labels: torch.Tensor):
-        """Rows scored this step and the local row index (into them) of each label, or -1."""
+        """Rows scored this step (sorted local indices), whether that is every row, and the
+        index (into the scored rows) of each label, or -1."""
         device = self.weight.device
         owned = (local_labels >= 0) & (local_labels < self.num_local)
         num_sample = int(self.sample_rate * self.num_local)
         if not self.training or num_sample >= self.num_local:
             index = torch.arange(self.num_local, device=device)
-            return index, self.weight, torch.where(owned, local_labels, -1)
+            return index, True, torch.where(owned, local_labels, -1)
         positives = torch.unique(local_labels[owned])
         index = sample_classes(
             positives, self.num_local, num_sample, self._generator(device, int(self.sample_step))
         )
         remapped = torch.searchsorted(index, local_labels.clamp(0, max(self.num_local - 1, 0)))
-        return index, self.weight[index], torch.where(owned, remapped, -1)
+        return index, index.numel() == self.num_local, torch.where(owned, remapped, -1)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check_inputs(embeddings, labels)
@@ -131,11 +195,27 @@ class PartialFC(nn.Module):
         global_labels = all_gather_rows(labels.to(torch.int64), sizes, group).to(self.weight.device)
         self._check_labels(global_labels)
 
-        index, weight, target_index = self._select_classes(global_labels - self.class_start)
-        loss, diagnostics = materialized_margin_loss(
-            self.head, global_embeddings.to(self.weight.device), weight, target_index, group
-        )
+        index, every_row, target_index = self._select_classes(global_labels - self.class_start)
+        global_embeddings = global_embeddings.to(self.weight.device)
+        impl = self.resolve_impl(global_embeddings.shape[0], index.numel())
+        if impl == "chunked":
+            loss, diagnostics = chunked_margin_loss(
+                self.head, global_embeddings, self.weight, target_index, group,
+                block_size=self.block_size, row_index=None if every_row else index,
+                gemm_dtype=self.gemm_dtype,
+            )
+        else:
+            weight = self.weight if every_row else self.weight[index]
+            loss, diagnostics = materialized_margin_loss(
+                self.head, global_embeddings, weight, target_index, group
+            )
+        self.last_impl = impl
         self.sampled_index = index
+        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
+            if every_row:
+                self._pending_all = True
+            else:
+                self._pending_rows.append(index)
         self.last_stats = diagnostics
         if self.training:
             self.sample_step += 1

@@ -150,6 +150,12 @@ def read_idx_file(idx_path: PathLike):
     return keys, offsets
 
 
+class DuplicateOffsetError(ValueError):
+    def __init__(self, message, key, offset):
+        super().__init__(message)
+        self.key, self.offset = key, offset
+
+
 class _KeyIndex:
     """key -> (offset, end) lookup over numpy arrays (compact for millions of keys, shared by fork).
 
@@ -171,10 +177,16 @@ class _KeyIndex:
             same = self._sorted_keys[1:] == self._sorted_keys[:-1]
             if n > 1 and np.any(same):
                 raise ValueError(f"key {int(self._sorted_keys[1:][same][0])} appears more than once")
-        uniq = np.unique(offsets)
+        uniq, first, counts = np.unique(offsets, return_index=True, return_counts=True)
+        if uniq.size != offsets.size:
+            # two keys on one record: one of them would silently read the other's data
+            off = int(uniq[np.argmax(counts > 1)])
+            dups = keys[offsets == off][:2].tolist()
+            raise DuplicateOffsetError(f"keys {dups[0]} and {dups[1]} both point at offset {off}", dups[1], off)
         nxt = np.searchsorted(uniq, offsets, side="right")
         self.ends = np.where(nxt < uniq.size, uniq[np.minimum(nxt, max(uniq.size - 1, 0))], file_size)
-        self.ends = self.ends.astype(np.int64, copy=False)
+        # an .idx can point past the end of a truncated file: no record may end beyond it
+        self.ends = np.minimum(self.ends, file_size).astype(np.int64, copy=False)
 
     def position(self, key) -> int:
         """Index of ``key`` in .idx order, or -1 when absent."""
@@ -241,6 +253,8 @@ class RecordIOReader:
         self.has_index = self.idx_path is not None or build_index
         try:
             self._index = _KeyIndex(keys, offsets, self._file_size)
+        except DuplicateOffsetError as err:
+            raise RecordIOError(str(err), self.idx_path, key=err.key, offset=err.offset) from None
         except ValueError as err:
             raise RecordIOError(str(err), self.idx_path) from None
         self._keys_list = None

@@ -98,3 +98,25 @@ def embed_images(model: nn.Module, images: Union[np.ndarray, torch.Tensor], batc
     norms = emb.norm(dim=1)
     normalized = emb / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
     return normalized.float().numpy(), norms.float().numpy()
+
+
+def embed_loader(model: nn.Module, loader: Iterable, device: Optional[Union[str, torch.device]] = None,
+                 flip: bool = True, autocast_dtype: Optional[torch.dtype] = None,
+                 progress: bool = True, desc: str = "embedding",
+                 total: Optional[int] = None) -> np.ndarray:
+    """Unnormalised (flip-fused) float32 embeddings of every uint8 NCHW batch `loader` yields.
+
+    A batch may also be a (images, ...) tuple or list; only its first element is used.
+    """
+    if device is None:
+        device = model_device(model)
+    device = torch.device(device)
+    chunks = []
+    with eval_mode(model):
+        for batch in tqdm(loader, desc=desc, disable=not progress, total=total):
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            chunks.append(embed_batch(model, batch, flip, device, autocast_dtype).cpu().numpy())
+    if not chunks:
+        raise ValueError("no images to embed")
+    return np.concatenate(chunks)

@@ -88,5 +88,6 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
         min_lr_factor=float(o.min_lr) / float(o.lr),
         channels_last=bool(t.channels_last),
         progress_bar=bool(t.progress_bar),
+        collective_timeout_s=float(t.collective_timeout_s),
         extra_manifest={"model": str(cfg.model.name), "head": str(cfg.head.name)},
     )

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -46,7 +48,17 @@ class TrainSettings:
     min_lr_factor: float = 0.0
     channels_last: bool = False
     progress_bar: bool = True
+    collective_timeout_s: Optional[float] = None  # only named in errors; the process group enforces it
     extra_manifest: Dict = field(default_factory=dict)
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete in time: a peer hung or died."""
+
+
+def _is_timeout(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "timed out" in text or "timeout" in text
 
 
 class SumGradients:
@@ -135,14 +147,17 @@ class Trainer:
             settings.run_dir / "checkpoints", rank, world_size, settings.keep_checkpoints, self.group
         )
         self.logger: Optional[MetricLogger] = None
+        self.phase = "start-up"  # what the loop is doing, named in collective-timeout errors
 
     # ------------------------------------------------------------------ set-up
     def _wrap_ddp(self, backbone: nn.Module) -> nn.Module:
         if self.world_size == 1:
             return backbone
         kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
-        ddp = nn.parallel.DistributedDataParallel(backbone, process_group=self.group,
-                                                  broadcast_buffers=False, **kwargs)
+        # Each rank keeps its own BatchNorm statistics between steps (as insightface does).
+        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+        ddp = nn.parallel.DistributedDataParallel(backbone, process_group=self.group, **kwargs)
         ddp.register_comm_hook(self.group, SumGradients.hook)
         return ddp
 
@@ -178,6 +193,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        self.phase = "checkpoint (barriers around the shard writes)"
         manifest = {"num_classes": self.classifier.num_classes, **self.s.extra_manifest}
         path = self.writer.save(self.step, self.state() if self.rank == 0 else {},
                                 self.shard_state(), manifest, self.save_backbone if self.rank == 0 else None)
@@ -231,10 +247,14 @@ class Trainer:
         no_sync = getattr(self.model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:
+            self.phase = "backbone forward"
             with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
                 embeddings = self.model(images)
+            self.phase = ("classifier forward (all-gather of embeddings/labels, all-reduce of target "
+                          "cosines, margin statistics and softmax normalisers)")
             loss = self.classifier(embeddings, labels)
+            self.phase = "backward (reduce-scatter of embedding gradients, DDP all-reduce)"
             self.scaler.scale(loss * scale).backward()
         return loss.detach()
 
@@ -256,6 +276,7 @@ class Trainer:
         lr = self._set_lr()
         losses = []
         for micro in range(self.s.grad_accum):
+            self.phase = "data loading"
             images, labels = self.batches.next()
             last = micro == self.s.grad_accum - 1
             losses.append(self._forward_backward(images, labels, 1.0 / self.s.grad_accum, sync=last))
@@ -263,7 +284,9 @@ class Trainer:
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         loss = torch.stack(losses).mean()
+        self.phase = "gradient-norm all-reduce"
         grad_norm = self._grad_norm()
+        self.phase = "optimizer step"
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             if self.s.clip_grad_norm is not None and float(grad_norm) > self.s.clip_grad_norm:
@@ -303,6 +326,7 @@ class Trainer:
         from ..eval.verification import evaluate_pairs
 
         results = {}
+        self.phase = "validation (all-gather of embeddings)"
         for vset in self.val_sets:
             n = vset.images.shape[0]
             lo = n * self.rank // self.world_size
@@ -336,40 +360,60 @@ class Trainer:
 
             bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
         try:
-            if self.step == 0 and self.val_sets:
-                self._log(self.validate())
-            window_start, window_steps = time.perf_counter(), 0
-            local_batch = None
-            while self.step < end:
-                record = self.train_step()
-                window_steps += 1
-                local_batch = local_batch or self.batches.batch_size
-                if self.step % self.s.log_every == 0 or self.step == end:
-                    elapsed = time.perf_counter() - window_start
-                    global_samples = window_steps * local_batch * self.world_size * self.s.grad_accum
-                    self.samples_per_sec = global_samples / max(elapsed, 1e-9)
-                    record["samples_per_sec"] = self.samples_per_sec
-                    self._log(record)
-                    if "margin" in self.classifier.last_stats:
-                        self.logger.histogram(self.step, "npc/margin", self.classifier.last_stats["margin"])
-                    window_start, window_steps = time.perf_counter(), 0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{self.samples_per_sec:.0f}")
-                if bar is not None:
-                    bar.update(1)
-                at_end = self.step == end
-                paused = time.perf_counter()
-                if self.val_sets and (at_end or (self.s.val_every and self.step % self.s.val_every == 0)):
-                    self._log(self.validate())
-                if at_end or self.step % self.s.checkpoint_every == 0:
-                    self.save_checkpoint()
-                window_start += time.perf_counter() - paused  # samples/s counts training only
+            self._loop(end, bar)
+        except Exception as err:
+            if self.group is not None and _is_timeout(err):
+                raise self._timeout_error(err) from err
+            raise
         finally:
             if bar is not None:
                 bar.close()
             self.logger.close()
             self.batches.close()
         return self.summary()
+
+    def _timeout_error(self, err: BaseException) -> CollectiveTimeoutError:
+        """Name the operation, this rank and, where gloo can tell, the ranks that did not answer."""
+        missing = ""
+        try:  # gloo only: reports which ranks fail to reach the barrier
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=10), wait_all_ranks=True)
+        except Exception as probe:  # noqa: BLE001 - any failure here is informative only
+            missing = f"; barrier probe: {str(probe).splitlines()[0][:300]}"
+        limit = f" within {self.s.collective_timeout_s:g}s" if self.s.collective_timeout_s else ""
+        return CollectiveTimeoutError(
+            f"rank {self.rank}/{self.world_size} at step {self.step}: a collective in '{self.phase}' did "
+            f"not complete{limit} (a peer hung or died; trainer.collective_timeout_s sets the limit)"
+            f"{missing}. Original error: {str(err).splitlines()[0][:500]}"
+        )
+
+    def _loop(self, end: int, bar) -> None:
+        """Validation at step 0, then steps with logging, validation and checkpoints."""
+        if self.step == 0 and self.val_sets:
+            self._log(self.validate())
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < end:
+            record = self.train_step()
+            window_steps += 1
+            if self.step % self.s.log_every == 0 or self.step == end:
+                elapsed = time.perf_counter() - window_start
+                global_samples = window_steps * self.batches.batch_size * self.world_size * self.s.grad_accum
+                self.samples_per_sec = global_samples / max(elapsed, 1e-9)
+                record["samples_per_sec"] = self.samples_per_sec
+                self._log(record)
+                if "margin" in self.classifier.last_stats:
+                    self.logger.histogram(self.step, "npc/margin", self.classifier.last_stats["margin"])
+                window_start, window_steps = time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{self.samples_per_sec:.0f}")
+            if bar is not None:
+                bar.update(1)
+            at_end = self.step == end
+            paused = time.perf_counter()
+            if self.val_sets and (at_end or (self.s.val_every and self.step % self.s.val_every == 0)):
+                self._log(self.validate())
+            if at_end or self.step % self.s.checkpoint_every == 0:
+                self.save_checkpoint()
+            window_start += time.perf_counter() - paused  # samples/s counts training only
 
     def _log(self, record: Dict[str, float]) -> None:
         if record:

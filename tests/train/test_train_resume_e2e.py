@@ -16,10 +16,24 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("data-cache")
 
 
+def _check_outputs(run_dir):
+    records = [r for r in metrics(run_dir) if "loss" in r]
+    for key in ("loss", "lr", "samples_per_sec", "grad_norm", "skipped_steps", "npc/margin_mean",
+                "npc/margin_std", "npc/hard_negatives_mean"):
+        assert all(key in r for r in records), key
+    assert any("val/heldout/acc" in r for r in metrics(run_dir))
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert "head:" in (run_dir / "config.yaml").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["world_size"] == 2
+    assert (run_dir / "checkpoints" / "step_00000008" / "backbone.pt").is_file()
+
+
 def test_stop_resume_equals_uninterrupted_and_reshards_to_three_ranks(tmp_path, cache):
     run_train(2, [*COMMON, f"output_root={tmp_path / 'a'}"], cache)
     straight = losses_by_step(tmp_path / "a" / "r")
     assert sorted(straight) == list(range(1, 9))
+    _check_outputs(tmp_path / "a" / "r")
 
     run_train(2, [*COMMON, "trainer.stop_at=4", f"output_root={tmp_path / 'b'}"], cache)
     run_dir = tmp_path / "b" / "r"

@@ -1,0 +1,316 @@
+"""The sharded margin-softmax loss computed block by block over this rank's classes.
+
+Same contract and results as :func:`partial_fc.margin_loss.materialized_margin_loss`, but the
+[global batch x classes] logits never exist: only one [global batch x block] tile at a time.
+
+Forward (one sweep over the class blocks):
+
+1. every owned row's target cosine c_y is computed directly from the gathered target rows of the
+   weight (a row-wise dot product) and all-reduced, so ``head.prepare`` (NPCFace's threshold tau)
+   is known before the sweep;
+2. per block: the cosine tile (the GEMM of the normalised embeddings with the raw weight rows,
+   scaled by 1/|w_k| instead of writing a normalised copy of the weight), the head's per-row
+   negative statistics (they are sums, so they add over blocks) and an online max / sum-exp of the
+   scaled negative logits (a hard negative's logit depends on tau only, not on NPCFace's m_i);
+3. statistics are all-reduced, the positive logit (which needs m_i) joins the running max and
+   sum-exp, and those are all-reduced.
+
+Backward recomputes each tile, forms d loss / d cosine from the saved per-row log-sum-exp, and
+feeds the two gradient GEMMs: the normalised-embedding gradient accumulates over blocks and each
+block's weight gradient is written once, both chained through the normalisations by hand.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .distributed import all_reduce
+from .margin_loss import LOW_PRECISION, compute_dtype, gather_target_cosines
+
+# F.normalize's default floor on the norm; the chunked path reproduces it exactly.
+NORM_EPS = 1e-12
+
+# Default tile budget (elements of one [rows x block] tile) per device type. The CPU figure keeps
+# a handful of fp32 tiles within the last-level cache of a small machine; the CUDA one is the
+# 128K-256K class blocks of the feasibility probe at Bg=1024 (DESIGN.md section 7).
+DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
+
+
+def default_block_size(rows: int, device: torch.device) -> int:
+    """Classes per block so that one [rows x block] tile holds about the device's tile budget."""
+    budget = DEFAULT_TILE_ELEMENTS.get(torch.device(device).type, DEFAULT_TILE_ELEMENTS["cuda"])
+    return max(256, budget // max(1, int(rows)))
+
+
+def resolve_gemm_dtype(embeddings: torch.Tensor, work: torch.dtype, gemm_dtype=None) -> torch.dtype:
+    """The GEMM's input dtype: explicit, else the active autocast dtype on this device, else the
+    embeddings' own dtype when it is bf16/fp16, else the (fp32/fp64) working dtype."""
+    if gemm_dtype is not None:
+        return gemm_dtype
+    device_type = embeddings.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if embeddings.dtype in LOW_PRECISION:
+        return embeddings.dtype
+    return work
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with the result in ``out_dtype``; bf16/fp16 inputs accumulate in fp32 and, on CUDA,
+    the product is written in fp32 directly instead of being rounded to bf16 first."""
+    if a.dtype in LOW_PRECISION and a.is_cuda:  # pragma: no cover - CUDA only
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32).to(out_dtype)
+        except (RuntimeError, TypeError):
+            pass
+    return (a @ b).to(out_dtype)
+
+
+class _Blocks:
+    """This rank's scored class rows, block by block, and where the owned targets fall."""
+
+    def __init__(self, weight, row_index, target_index, block_size, work, gemm):
+        self.weight, self.row_index = weight, row_index
+        self.work, self.gemm = work, gemm
+        self.count = int(row_index.numel()) if row_index is not None else int(weight.shape[0])
+        self.block_size = int(block_size)
+        self.owned_rows = (target_index >= 0).nonzero(as_tuple=True)[0]
+        self.owned_cols = target_index[self.owned_rows]
+
+    def ranges(self):
+        for start in range(0, self.count, self.block_size):
+            yield start, min(start + self.block_size, self.count)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """The raw weight rows of block [start, stop) in the working dtype."""
+        if self.row_index is None:
+            rows = self.weight[start:stop]
+        else:
+            rows = self.weight.index_select(0, self.row_index[start:stop])
+        return rows.to(self.work)
+
+    def gathered(self, local_cols: torch.Tensor) -> torch.Tensor:
+        """The raw weight rows of the given scored-row indices, in the working dtype."""
+        index = local_cols if self.row_index is None else self.row_index[local_cols]
+        return self.weight.index_select(0, index).to(self.work)
+
+    def targets_in(self, start: int, stop: int):
+        """(owned positions, rows, columns within the block) of the targets in [start, stop)."""
+        inside = ((self.owned_cols >= start) & (self.owned_cols < stop)).nonzero(as_tuple=True)[0]
+        return inside, self.owned_rows[inside], self.owned_cols[inside] - start
+
+
+def _normalize_rows(x: torch.Tensor):
+    """(x / max(|x|, eps), |x|) row-wise, as F.normalize computes it."""
+    norm = x.norm(dim=1)
+    return x / norm.clamp_min(NORM_EPS)[:, None], norm
+
+
+def _normalize_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor):
+    """Gradient w.r.t. x of x / max(|x|, eps) given the gradient w.r.t. the result."""
+    inv = 1.0 / norm.clamp_min(NORM_EPS)
+    radial = (unit * grad_unit).sum(dim=1, keepdim=True)
+    projected = grad_unit - unit * radial * (norm >= NORM_EPS)[:, None].to(unit.dtype)
+    return projected * inv[:, None]
+
+
+def _cosine_tile(e_gemm, w_rows, inv_norm, blocks: _Blocks):
+    """Unclamped cosines <e_i, w_k>/|w_k| of one block, in the working dtype."""
+    raw = _matmul(e_gemm, w_rows.to(blocks.gemm).t(), blocks.work)
+    return raw.mul_(inv_norm[None, :])
+
+
+def _positive_and_slope(head, target_cos, prep, stats):
+    """The owned rows' positive logits and their derivative w.r.t. the target cosine."""
+    with torch.enable_grad():
+        c = target_cos.detach().requires_grad_(True)
+        positive = head.positive_logit(c, prep, stats)
+        if c.numel() == 0 or not positive.requires_grad:
+            return positive.detach(), torch.zeros_like(c)
+        (slope,) = torch.autograd.grad(positive.sum(), c, allow_unused=True)
+    return positive.detach(), (torch.zeros_like(c) if slope is None else slope)
+
+
+class _ChunkedMarginLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embeddings, weight, target_index, row_index, head, group, block_size,
+                gemm_dtype, side):
+        work = compute_dtype(embeddings, weight)
+        gemm = resolve_gemm_dtype(embeddings, work, gemm_dtype)
+        blocks = _Blocks(weight, row_index, target_index, block_size, work, gemm)
+        rows = embeddings.shape[0]
+        device = embeddings.device
+        e_unit, e_norm = _normalize_rows(embeddings.to(work))
+        e_gemm = e_unit.to(gemm)
+        w_norm = torch.empty(blocks.count, dtype=work, device=device)  # filled by the sweep
+
+        # 1. Target cosines straight from the target rows (the owner contributes, then all-reduce).
+        owned_rows, owned_cols = blocks.owned_rows, blocks.owned_cols
+        w_target = blocks.gathered(owned_cols)
+        target_inv = 1.0 / w_target.norm(dim=1).clamp_min(NORM_EPS)
+        raw_target = (e_gemm[owned_rows].to(work) * w_target.to(gemm).to(work)).sum(dim=1)
+        raw_target = raw_target * target_inv
+        local_target = raw_target.clamp(-1.0, 1.0)
+        target_cos = gather_target_cosines(local_target, owned_rows, rows, work, device, group)
+        prep = head.prepare(target_cos)
+
+        # 2. One sweep: negative statistics and the online max / sum-exp of the negative logits.
+        stats = None
+        neg_max = torch.full((rows,), -math.inf, dtype=work, device=device)
+        neg_sum = torch.zeros(rows, dtype=work, device=device)
+        for start, stop in blocks.ranges():
+            w_rows = blocks.rows(start, stop)
+            w_norm[start:stop] = w_rows.norm(dim=1)
+            inv = 1.0 / w_norm[start:stop].clamp_min(NORM_EPS)
+            cos = _cosine_tile(e_gemm, w_rows, inv, blocks).clamp_(-1.0, 1.0)
+            block_stats = head.negative_stats(cos, prep)
+            which, t_rows, t_cols = blocks.targets_in(start, stop)
+            if block_stats is not None:
+                if which.numel():
+                    own = head.negative_stats(cos[t_rows, t_cols][:, None], _select(prep, t_rows))
+                    block_stats.index_add_(0, t_rows, own, alpha=-1)
+                stats = block_stats if stats is None else stats.add_(block_stats)
+            logits = head.negative_logits(cos, prep).mul_(head.scale)  # cos is not needed after
+            logits[t_rows, t_cols] = -math.inf
+            new_max = torch.maximum(neg_max, logits.amax(dim=1))
+            shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            neg_sum.mul_(torch.exp(neg_max - shift)).add_(
+                logits.sub_(shift[:, None]).exp_().sum(dim=1)
+            )
+            neg_max = new_max
+            del cos, logits, w_rows
+        if stats is None and head.num_stats:
+            stats = torch.zeros(rows, head.num_stats, dtype=torch.float64, device=device)
+        if stats is not None:
+            stats = all_reduce(stats, dist.ReduceOp.SUM, group)
+
+        # 3. The positive logit joins; global max and sum-exp; the loss.
+        owned_prep = _select(prep, owned_rows)
+        owned_stats = stats[owned_rows] if stats is not None else None
+        positive, positive_slope = _positive_and_slope(head, local_target, owned_prep, owned_stats)
+        positive = positive.to(work) * head.scale
+        local_max = neg_max.clone()
+        local_max[owned_rows] = torch.maximum(neg_max[owned_rows], positive)
+        row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
+        local_sum = neg_sum * torch.exp(neg_max - row_max)
+        local_sum[owned_rows] += torch.exp(positive - row_max[owned_rows])
+        target_logit = torch.zeros_like(local_sum)
+        target_logit[owned_rows] = positive
+        summed = all_reduce(torch.stack([local_sum, target_logit]), dist.ReduceOp.SUM, group)
+        log_sum = torch.log(summed[0])
+        loss = log_sum + row_max - summed[1]
+        lse = row_max + log_sum
+
+        # d loss_i / d c_y (per unit upstream gradient), through the clamp of c_y.
+        p_target = torch.exp(positive - lse[owned_rows])
+        in_range = (raw_target >= -1.0) & (raw_target <= 1.0)
+        target_coef = (p_target - 1.0) * positive_slope.to(work) * in_range.to(work)
+
+        side.update(prep=prep, stats=stats, target_cos=target_cos)
+        ctx.blocks, ctx.head, ctx.prep = blocks, head, prep
+        ctx.embedding_dtype = embeddings.dtype
+        ctx.save_for_backward(e_unit, e_norm, weight, row_index, w_norm, lse, target_coef)
+        ctx.has_row_index = row_index is not None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        e_unit, e_norm, weight, row_index, w_norm, lse, target_coef = ctx.saved_tensors
+        blocks, head, prep = ctx.blocks, ctx.head, ctx.prep
+        blocks.weight, blocks.row_index = weight, (row_index if ctx.has_row_index else None)
+        work, gemm = blocks.work, blocks.gemm
+        need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        scale_rows = grad_loss.to(work) * head.scale
+        e_gemm = e_unit.to(gemm)
+        grad_unit = torch.zeros_like(e_unit) if need_e else None
+        grad_weight = torch.zeros_like(weight) if need_w else None
+        for start, stop in blocks.ranges():
+            w_rows = blocks.rows(start, stop)
+            norm = w_norm[start:stop]
+            inv = 1.0 / norm.clamp_min(NORM_EPS)
+            x = _cosine_tile(e_gemm, w_rows, inv, blocks)
+            cos = x.clamp(-1.0, 1.0)
+            slope = head.negative_logit_slope(cos, prep)
+            logits = head.negative_logits(cos, prep).mul_(head.scale)  # cos is not needed after
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax probabilities of the negatives
+            if slope is not None:
+                grad.mul_(slope)
+            grad.mul_(scale_rows[:, None])
+            grad.masked_fill_((x < -1.0) | (x > 1.0), 0.0)  # the clamp passes no gradient there
+            which, t_rows, t_cols = blocks.targets_in(start, stop)
+            grad[t_rows, t_cols] = scale_rows[t_rows] * target_coef[which]
+            del x, cos, slope, logits
+            if need_e:
+                grad_unit += _matmul((grad * inv[None, :]).to(gemm), w_rows.to(gemm), work)
+            if need_w:
+                grad_w_unit = _matmul(grad.t().to(gemm), e_gemm, work)
+                w_unit = w_rows * inv[:, None]
+                radial = (w_unit * grad_w_unit).sum(dim=1, keepdim=True)
+                tiny = (norm < NORM_EPS)[:, None]
+                grad_w = (grad_w_unit - torch.where(tiny, 0.0, w_unit * radial)) * inv[:, None]
+                if ctx.has_row_index:
+                    grad_weight.index_add_(0, row_index[start:stop], grad_w.to(weight.dtype))
+                else:
+                    grad_weight[start:stop] = grad_w
+        grad_embeddings = None
+        if need_e:
+            grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
+        ctx.blocks = ctx.prep = None
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None
+
+
+def _select(prep: Dict[str, torch.Tensor], rows: torch.Tensor) -> Dict[str, torch.Tensor]:
+    return {k: v[rows] for k, v in prep.items()}
+
+
+def chunked_margin_loss(
+    head,
+    embeddings: torch.Tensor,
+    weight: torch.Tensor,
+    target_index: torch.Tensor,
+    group=None,
+    block_size: Optional[int] = None,
+    row_index: Optional[torch.Tensor] = None,
+    gemm_dtype: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Per-row margin-softmax loss of the global batch against this rank's class rows, computed
+    over blocks of ``block_size`` classes without materialising the logits.
+
+    Same contract and results as :func:`partial_fc.margin_loss.materialized_margin_loss`:
+    ``embeddings`` [Bg, D] is the global batch, ``weight`` [n, D] this rank's scored class rows,
+    ``target_index`` [Bg] the local row of each target or -1. Returns the per-row loss (identical
+    on all ranks) and detached per-row diagnostics (the head's, plus ``target_cos``).
+
+    Extra arguments: ``block_size`` classes per tile (default :func:`default_block_size`);
+    ``row_index`` scores the rows ``weight[row_index]`` (Partial FC's sampled rows) without
+    copying them, ``target_index`` then indexes into ``row_index`` and ``weight``'s gradient is
+    zero outside those rows; ``gemm_dtype`` overrides the GEMM input dtype (see
+    :func:`resolve_gemm_dtype`; statistics stay in fp32 or wider).
+    """
+    if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"embeddings [rows, D] and weight [classes, D] expected, got "
+            f"{tuple(embeddings.shape)} and {tuple(weight.shape)}"
+        )
+    if target_index.shape != embeddings.shape[:1]:
+        raise ValueError(
+            f"target_index shape {tuple(target_index.shape)} does not match "
+            f"{embeddings.shape[0]} rows"
+        )
+    if row_index is not None and (row_index.dim() != 1 or row_index.dtype != torch.int64):
+        raise ValueError(f"row_index must be a 1-D int64 tensor, got {row_index.dtype} "
+                         f"of shape {tuple(row_index.shape)}")
+    if block_size is None:
+        block_size = default_block_size(embeddings.shape[0], embeddings.device)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    side: Dict[str, object] = {}
+    loss = _ChunkedMarginLoss.apply(
+        embeddings, weight, target_index, row_index, head, group, block_size, gemm_dtype, side
+    )
+    diagnostics = {k: v.detach() for k, v in head.diagnostics(side["prep"], side["stats"]).items()}
+    diagnostics["target_cos"] = side["target_cos"]
+    return loss, diagnostics

@@ -1,0 +1,163 @@
+"""Summaries and integrity checks of RecordIO face datasets (the ``inspect`` tool's engine)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from .datasets import FaceRecordDataset, _label_to_class, read_property
+from .image import ImageDecodeError, decode_image
+from .recordio import RecordIOError, RecordIOReader, unpack
+
+__all__ = ["inspect_dataset", "images_per_identity_histogram", "format_report"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def images_per_identity_histogram(counts: np.ndarray) -> List[Dict]:
+    """Identities binned by their image count in power-of-two buckets: [{lo, hi, identities}]."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.size == 0:
+        return []
+    top = int(counts.max())
+    rows = []
+    lo = 0
+    for hi in [0] + [2 ** k for k in range(0, max(top, 1).bit_length() + 1)]:
+        if hi < lo:
+            continue
+        n = int(((counts >= lo) & (counts <= hi)).sum())
+        if n or lo <= top:
+            rows.append({"lo": lo, "hi": hi, "identities": n})
+        lo = hi + 1
+        if lo > top:
+            break
+    nonzero = [i for i, r in enumerate(rows) if r["identities"]]
+    return rows[nonzero[0] : nonzero[-1] + 1] if nonzero else rows
+
+
+def _rec_paths(root: Path):
+    if root.suffix == ".rec":
+        return root, root.with_suffix(".idx"), root.parent / "property"
+    return root / "train.rec", root / "train.idx", root / "property"
+
+
+def inspect_dataset(root: PathLike, verify: bool = False, progress: bool = True,
+                    max_errors: Optional[int] = None) -> Dict:
+    """Describe a RecordIO face dataset; with ``verify``, read and decode every record.
+
+    Returns a dict: layout, header, counts, label range, images-per-identity histogram and, with
+    ``verify``, ``broken``: one entry ``{key, offset, error}`` per record that cannot be read,
+    unpacked, labelled or decoded. Framing damage that stops the dataset from opening at all is
+    reported as ``fatal``.
+    """
+    root = Path(root)
+    rec_path, idx_path, prop_path = _rec_paths(root)
+    report: Dict = {"rec": str(rec_path), "idx": str(idx_path) if idx_path.is_file() else None}
+    report["property"] = list(read_property(prop_path)) if prop_path.is_file() else None
+    try:
+        ds = FaceRecordDataset(rec_path)
+    except (RecordIOError, ValueError) as err:
+        report["fatal"] = str(err)
+        return report
+    reader = ds.reader
+    report.update(
+        layout=ds.layout,
+        num_records=len(reader),
+        num_images=len(ds),
+        num_classes=ds.num_classes,
+        file_bytes=reader.file_size,
+    )
+    if ds.layout == "insightface":
+        head, _ = unpack(reader.read(0))
+        report["header"] = {"flag": head.flag, "label": [float(x) for x in head.label]}
+
+    labels = np.full(len(ds), -1, dtype=np.int64)
+    broken: List[Dict] = []
+    iterator = range(len(ds))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(iterator, desc="verifying" if verify else "reading labels", unit="rec", leave=False)
+        iterator = bar
+    for i in iterator:
+        key = ds.key_of(i)
+        try:
+            offset = reader.offset_of(key)
+        except RecordIOError as err:
+            broken.append({"key": key, "offset": None, "error": str(err)})
+            continue
+        try:
+            head, payload = unpack(reader.read(key))
+            cls = _label_to_class(head.label)
+            if cls is None or not 0 <= cls < ds.num_classes:
+                raise ValueError(f"label {head.label} is not a class in [0, {ds.num_classes})")
+            if ds._key_class is not None and ds._key_class[key - 1] != cls:
+                raise ValueError(f"label {cls} contradicts the header's identity {ds._key_class[key - 1]}")
+            labels[i] = cls
+            if verify:
+                decode_image(payload)
+        except (RecordIOError, ImageDecodeError, ValueError) as err:
+            broken.append({"key": key, "offset": offset, "error": str(err)})
+            if max_errors is not None and len(broken) >= max_errors:
+                break
+    if bar is not None:
+        bar.close()
+
+    valid = labels[labels >= 0]
+    if valid.size:
+        report["label_range"] = [int(valid.min()), int(valid.max())]
+    if ds.identity_ranges is not None:
+        counts = ds.identity_ranges[:, 1] - ds.identity_ranges[:, 0]
+    else:
+        counts = np.bincount(valid, minlength=ds.num_classes)
+    report["images_per_identity"] = {
+        "min": int(counts.min()) if counts.size else 0,
+        "median": float(np.median(counts)) if counts.size else 0.0,
+        "mean": float(counts.mean()) if counts.size else 0.0,
+        "max": int(counts.max()) if counts.size else 0,
+        "identities_without_images": int((counts == 0).sum()),
+        "histogram": images_per_identity_histogram(counts),
+    }
+    report["verified"] = bool(verify)
+    report["broken"] = broken
+    return report
+
+
+def format_report(report: Dict) -> str:
+    """Human-readable text for an ``inspect_dataset`` report."""
+    lines = [f"file        {report['rec']}"]
+    if report.get("fatal"):
+        lines.append(f"FATAL       {report['fatal']}")
+        return "\n".join(lines)
+    lines.append(f"index       {report['idx'] or '(none: built by scanning)'}")
+    lines.append(f"layout      {report['layout']}")
+    if "header" in report:
+        lines.append(f"header      flag {report['header']['flag']}, label {report['header']['label']}")
+    if report.get("property"):
+        lines.append(f"property    {','.join(str(x) for x in report['property'])}")
+    lines.append(f"records     {report['num_records']} ({report['file_bytes']} bytes)")
+    lines.append(f"images      {report['num_images']}")
+    lines.append(f"classes     {report['num_classes']}")
+    if "label_range" in report:
+        lines.append(f"labels      {report['label_range'][0]} .. {report['label_range'][1]}")
+    ipi = report["images_per_identity"]
+    lines.append(
+        f"per id      min {ipi['min']}  median {ipi['median']:g}  mean {ipi['mean']:.2f}  max {ipi['max']}"
+    )
+    hist = ipi["histogram"]
+    width = max((h["identities"] for h in hist), default=0)
+    for h in hist:
+        bar = "#" * (0 if width == 0 else max(1 if h["identities"] else 0, round(40 * h["identities"] / width)))
+        span = f"{h['lo']}" if h["lo"] == h["hi"] else f"{h['lo']}-{h['hi']}"
+        lines.append(f"  {span:>11} images: {h['identities']:>9} ids {bar}")
+    broken = report.get("broken", [])
+    what = "verified (read + decode)" if report.get("verified") else "labels read"
+    lines.append(f"{what}: {len(broken)} broken record(s)")
+    for b in broken[:50]:
+        lines.append(f"  key {b['key']} offset {b['offset']}: {b['error']}")
+    if len(broken) > 50:
+        lines.append(f"  ... and {len(broken) - 50} more")
+    return "\n".join(lines)

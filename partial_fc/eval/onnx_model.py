@@ -1,0 +1,127 @@
+"""ONNX export of a backbone (dynamic batch), its check through onnxruntime, and running it.
+
+The exported graph takes "input" float32 N x 3 x H x W ((x - 127.5) / 128) and returns
+"embedding" float32 N x D, the backbone's unnormalised embedding.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+PathLike = Union[str, os.PathLike]
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+_TWO_GB = 2 ** 31
+
+
+def export_onnx(model: nn.Module, output_path: PathLike, input_size: Tuple[int, int] = (112, 112),
+                opset: Optional[int] = None, exporter: str = "dynamo") -> Path:
+    """Write `model` (in eval mode, fp32, on CPU) to `output_path` with a dynamic batch axis.
+
+    `exporter` "dynamo" (torch.export based, needs onnxscript) or "torchscript" (the legacy
+    exporter). Weights live inside the .onnx file unless they exceed the 2 GB protobuf limit.
+    """
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).float().cpu().eval()
+    example = torch.randn(2, 3, *input_size)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
+    with torch.no_grad():
+        if exporter == "dynamo":
+            torch.onnx.export(model, (example,), str(output_path), dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},),
+                              external_data=nbytes >= _TWO_GB, verbose=False, **kwargs)
+        elif exporter == "torchscript":
+            torch.onnx.export(model, (example,), str(output_path), dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              **kwargs)
+        else:
+            raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+    return output_path
+
+
+def _providers(device: Optional[Union[str, torch.device]]) -> Sequence[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device is not None and torch.device(device).type == "cuda" \
+            and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxBackbone(nn.Module):
+    """An exported backbone run by onnxruntime behind the nn.Module call interface.
+
+    `forward` takes a float tensor on any device and returns float32 embeddings on the same
+    device. It has no parameters; `train()` / `eval()` change nothing in the graph.
+    """
+
+    def __init__(self, path: PathLike, device: Optional[Union[str, torch.device]] = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ONNX model at {self.path}")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), sess_options=options,
+                                            providers=list(_providers(device)))
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"{self.path}: expected one input, found {len(inputs)}")
+        self.input_name = inputs[0].name
+        self.input_shape = inputs[0].shape
+        self.embedding_size = self.session.get_outputs()[0].shape[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().float().cpu().numpy()
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(array)})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def compare_with_torch(model: nn.Module, onnx_path: PathLike, batch_sizes: Sequence[int] = (1, 3),
+                       input_size: Tuple[int, int] = (112, 112), seed: int = 0) -> float:
+    """Largest |onnxruntime - PyTorch| over random inputs of several batch sizes (fp32, CPU)."""
+    model = copy.deepcopy(model).float().cpu().eval()
+    runner = OnnxBackbone(onnx_path)
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    with torch.no_grad():
+        for n in batch_sizes:
+            x = torch.rand(n, 3, *input_size, generator=gen) * 2 - 1  # the preprocessed range
+            diff = (runner(x) - model(x)).abs().max().item()
+            worst = max(worst, diff)
+    return worst
+
+
+def export_and_check(model: nn.Module, output_path: PathLike, tolerance: float = 1e-4,
+                     **export_kwargs) -> Dict[str, object]:
+    """Export, then compare with PyTorch; raises if the difference exceeds `tolerance`."""
+    path = export_onnx(model, output_path, **export_kwargs)
+    input_size = export_kwargs.get("input_size", (112, 112))
+    diff = compare_with_torch(model, path, input_size=input_size)
+    if not diff <= tolerance:
+        raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {diff:.3g} "
+                           f"(tolerance {tolerance:.3g})")
+    return {"path": str(path), "max_abs_diff": diff}
+
+
+def load_eval_model(path: PathLike, device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+    """A backbone for evaluation: an `.onnx` file (run by onnxruntime) or a `save_backbone` file
+    or checkpoint directory holding `backbone.pt` (moved to `device`)."""
+    from partial_fc.models import load_backbone
+
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return OnnxBackbone(path, device=device)
+    model = load_backbone(path)
+    return model.to(device) if device is not None else model

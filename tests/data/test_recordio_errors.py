@@ -1,0 +1,132 @@
+"""Corrupted RecordIO files give RecordIOError naming the file, the key and the byte offset."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from partial_fc.data import FaceRecordDataset, LabelError, RecordIOError, RecordIOReader
+
+MAGIC = struct.pack("<I", 0xCED7230A)
+
+
+def _offsets(root):
+    return {int(k): int(v) for k, v in (l.split("\t") for l in (root / "train.idx").read_text().splitlines())}
+
+
+def _patch(path, offset, data):
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def test_flipped_magic(insightface_copy):
+    off = _offsets(insightface_copy)[7]
+    _patch(insightface_copy / "train.rec", off, b"\x0b")
+    reader = RecordIOReader(insightface_copy / "train.rec")
+    with pytest.raises(RecordIOError, match=r"train\.rec: key 7: offset %d: bad magic" % off) as info:
+        reader.read(7)
+    assert (info.value.key, info.value.offset) == (7, off)
+    assert reader.read(6) and reader.read(8)  # neighbours are untouched
+    ds = FaceRecordDataset(insightface_copy, on_bad_image="skip")
+    with pytest.raises(RecordIOError):  # framing damage is never skipped silently
+        ds[6]
+
+
+def test_truncated_tail(insightface_copy):
+    rec = insightface_copy / "train.rec"
+    offs = _offsets(insightface_copy)
+    rec.write_bytes(rec.read_bytes()[: offs[24] + 100])  # cut inside image 24; identity records gone
+    reader = RecordIOReader(rec)
+    with pytest.raises(RecordIOError, match=r"key 24: offset %d: truncated record" % offs[24]):
+        reader.read(24)
+    with pytest.raises(RecordIOError, match=r"key 25: offset %d: offset is past the end" % offs[25]):
+        reader.read(25)
+    with pytest.raises(RecordIOError, match="key 25"):
+        FaceRecordDataset(insightface_copy)
+
+
+def test_damaged_length_never_reads_into_the_next_record(insightface_copy):
+    rec = insightface_copy / "train.rec"
+    offs = _offsets(insightface_copy)
+    raw = rec.read_bytes()
+    (lrec,) = struct.unpack_from("<I", raw, offs[3] + 4)
+    for new_len in (lrec + 8, lrec - 8):
+        _patch(rec, offs[3] + 4, struct.pack("<I", new_len))
+        reader = RecordIOReader(rec)
+        with pytest.raises(RecordIOError, match=r"key 3: offset %d" % offs[3]):
+            reader.read(3)
+        assert reader.read(4)
+
+
+def test_broken_part_sequence(insightface_copy):
+    rec = insightface_copy / "train.rec"
+    offs = _offsets(insightface_copy)
+    raw = rec.read_bytes()
+    # key 5 is split: its second frame has cflag 2; make it a fresh start (cflag 1 -> "0")
+    first_len = struct.unpack_from("<I", raw, offs[5] + 4)[0] & (2**29 - 1)
+    second = offs[5] + 8 + (first_len + 3) // 4 * 4
+    (lrec,) = struct.unpack_from("<I", raw, second + 4)
+    assert lrec >> 29 == 2
+    _patch(rec, second + 4, struct.pack("<I", lrec & (2**29 - 1)))
+    with pytest.raises(RecordIOError, match=r"key 5: offset %d: broken part sequence" % offs[5]):
+        RecordIOReader(rec).read(5)
+    # a record that starts with a continuation flag
+    (lrec,) = struct.unpack_from("<I", raw, offs[2] + 4)
+    _patch(rec, offs[2] + 4, struct.pack("<I", lrec | (3 << 29)))
+    with pytest.raises(RecordIOError, match=r"key 2: offset %d: broken part sequence" % offs[2]):
+        RecordIOReader(rec).read(2)
+
+
+def test_missing_idx_file_is_rebuilt_by_a_scan(insightface_copy, recordio_fixtures):
+    (insightface_copy / "train.idx").unlink()
+    ds = FaceRecordDataset(insightface_copy, save_index=True)
+    ref = FaceRecordDataset(recordio_fixtures / "insightface")
+    assert len(ds) == len(ref) and ds.num_classes == ref.num_classes
+    for i in (0, 4, 9, 23):
+        assert ds.read_record(i)[1] == ref.read_record(i)[1] and ds[i][1] == ref[i][1]
+    assert (insightface_copy / "train.idx").read_text() == (recordio_fixtures / "insightface" / "train.idx").read_text()
+
+
+def test_key_missing_from_idx(insightface_copy):
+    idx = insightface_copy / "train.idx"
+    idx.write_text("".join(l for l in idx.read_text().splitlines(True) if not l.startswith("9\t")))
+    reader = RecordIOReader(insightface_copy / "train.rec", idx)
+    with pytest.raises(RecordIOError, match=r"train\.rec: key 9: key not found in .*train\.idx"):
+        reader.read(9)
+    with pytest.raises(RecordIOError, match="key 9"):
+        FaceRecordDataset(insightface_copy)
+
+
+def test_offset_past_end_and_malformed_idx(insightface_copy):
+    idx = insightface_copy / "train.idx"
+    lines = idx.read_text().splitlines(True)
+    lines[4] = "4\t999999\n"
+    idx.write_text("".join(lines))
+    with pytest.raises(RecordIOError, match=r"key 4: offset 999999: offset is past the end"):
+        RecordIOReader(insightface_copy / "train.rec").read(4)
+    lines[4] = "4\tnot-a-number\n"
+    idx.write_text("".join(lines))
+    with pytest.raises(RecordIOError, match=r"train\.idx: malformed \.idx line 5"):
+        RecordIOReader(insightface_copy / "train.rec")
+
+
+def test_wrong_property(insightface_copy):
+    (insightface_copy / "property").write_text("7,112,112")
+    with pytest.raises(LabelError, match=r"property says 7 classes but the header record .* says 6"):
+        FaceRecordDataset(insightface_copy)
+    (insightface_copy / "property").write_text("6;112")
+    with pytest.raises(LabelError, match="malformed property"):
+        FaceRecordDataset(insightface_copy)
+    (insightface_copy / "property").write_text("6,112,112")
+    with pytest.raises(LabelError, match="num_classes=5 was requested"):
+        FaceRecordDataset(insightface_copy, num_classes=5)
+
+
+def test_reader_is_safe_after_pickle(recordio_fixtures):
+    import pickle
+
+    reader = RecordIOReader(recordio_fixtures / "insightface" / "train.rec")
+    first = reader.read(3)
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone.read(3) == first and clone.keys == reader.keys
