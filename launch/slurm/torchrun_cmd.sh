@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The torchrun agent of one node. train.sbatch starts one copy per node through srun; you can
+# run it by hand on each node too. Every multi-node launch of this project goes through this
+# file, so the sbatch script, the README and the tests run the same command line.
+#
+# All agents meet at a c10d rendezvous hosted by node 0 (PFC_RDZV_HOST:PFC_RDZV_PORT); the
+# rendezvous then assigns the global ranks, so no node needs to know its rank in advance.
+#
+# Environment (train.sbatch sets what Slurm knows; defaults in brackets):
+#   PFC_RDZV_HOST       host of the rendezvous, reachable from every node   [required]
+#   PFC_RDZV_PORT       its TCP port                                        [29400]
+#   PFC_RDZV_ID         id shared by the agents of one job                  [SLURM_JOB_ID, else pfc]
+#   PFC_NODE_RANK       this node's index; node 0 hosts the rendezvous store [SLURM_NODEID, else 0]
+#   PFC_NNODES          nodes, or min:max for an elastic job                [SLURM_JOB_NUM_NODES, else 1]
+#   PFC_NPROC_PER_NODE  workers (GPUs) per node                             [SLURM_GPUS_ON_NODE, else gpu]
+#   PFC_MAX_RESTARTS    times torchrun restarts a failed worker group       [0]
+#   PFC_JOIN_TIMEOUT    seconds the rendezvous waits for all nodes          [900]
+#   PFC_LOCAL_ADDR      address other nodes reach this one by (--local-addr) [unset: its hostname]
+#   PFC_TORCHRUN        the launcher command                                [torchrun]
+#   PFC_DRY_RUN=1       print the command line instead of running it
+# Arguments: Hydra overrides for launch/train.py. They follow `trainer.resume=auto`, so a later
+# `trainer.resume=...` of yours wins (the last override of a key wins in Hydra).
+set -euo pipefail
+
+# The checkout this file belongs to (inside a container: the image's copy).
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+train_py="$repo/launch/train.py"
+if [[ ! -f "$train_py" ]]; then
+    echo "torchrun_cmd.sh: $train_py not found" >&2
+    exit 2
+fi
+
+rdzv_host="${PFC_RDZV_HOST:?torchrun_cmd.sh: set PFC_RDZV_HOST to the host of node 0}"
+rdzv_port="${PFC_RDZV_PORT:-29400}"
+rdzv_id="${PFC_RDZV_ID:-${SLURM_JOB_ID:-pfc}}"
+node_rank="${PFC_NODE_RANK:-${SLURM_NODEID:-0}}"
+nnodes="${PFC_NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
+nproc="${PFC_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-gpu}}"
+
+# Node 0 hosts the rendezvous TCP store; the others only connect. Saying so explicitly (instead
+# of torchrun's guess from matching PFC_RDZV_HOST against local addresses) keeps it right when
+# the host name resolves to another interface, and when all "nodes" share one machine (tests).
+if [[ "$node_rank" == 0 ]]; then is_host=1; else is_host=0; fi
+
+read -r -a launcher <<< "${PFC_TORCHRUN:-torchrun}"
+cmd=(
+    "${launcher[@]}"
+    --nnodes="$nnodes"
+    --nproc-per-node="$nproc"
+    --rdzv-backend=c10d
+    --rdzv-endpoint="$rdzv_host:$rdzv_port"
+    --rdzv-id="$rdzv_id"
+    --rdzv-conf="is_host=$is_host,join_timeout=${PFC_JOIN_TIMEOUT:-900}"
+    --max-restarts="${PFC_MAX_RESTARTS:-0}"
+)
+if [[ -n "${PFC_LOCAL_ADDR:-}" ]]; then
+    cmd+=(--local-addr="$PFC_LOCAL_ADDR")
+fi
+cmd+=("$train_py" trainer.resume=auto "$@")
+
+if [[ "${PFC_DRY_RUN:-0}" == 1 ]]; then
+    printf '%q ' "${cmd[@]}"
+    printf '\n'
+    exit 0
+fi
+echo "[pfc node $node_rank/$nnodes on $(hostname)] ${cmd[*]}" >&2
+exec "${cmd[@]}"
