@@ -30,6 +30,9 @@ test: install
 demo: install
 	rm -rf $(DEMO_DIR)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=2 launch/train.py experiment=demo $(DEMO_ARGS)
+	$(PY) -m partial_fc.tools.eval $(DEMO_DIR)/checkpoints/$$(cat $(DEMO_DIR)/checkpoints/latest) \
+	    $$($(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/summary.json'))['dataset'])")/heldout.bin \
+	    -o $(DEMO_DIR)/eval
 	$(PY) -m partial_fc.tools.summary $(DEMO_DIR)
 
 clean:
