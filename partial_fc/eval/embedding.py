@@ -87,8 +87,6 @@ def embed_images(model: nn.Module, images: Union[np.ndarray, torch.Tensor], batc
     if device is None:
         device = model_device(model)
     device = torch.device(device)
-    if device.type == "cuda":
-        chw = chw.pin_memory()
     chunks = []
     with eval_mode(model):
         for batch in tqdm(iter_batches(chw, batch_size), total=-(-chw.shape[0] // batch_size),

@@ -23,7 +23,7 @@ from .embedding import embed_images, to_chw_tensor
 PathLike = Union[str, os.PathLike]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VerificationSet:
     """A decoded `.bin`: `images` uint8 2N x 3 x H x W (pair i = rows 2i, 2i+1), `issame` N bools."""
 
