@@ -23,7 +23,8 @@ def _reference_embeddings(model, images_hwc):
         emb = [model(torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2))).float())
                .double().numpy() for v in (x, mirrored)]
     out = emb[0] + emb[1]
-    return out / np.linalg.norm(out, axis=1, keepdims=True), np.linalg.norm(out, axis=1)
+    view_norms = np.concatenate([np.linalg.norm(e, axis=1) for e in emb])
+    return out / np.linalg.norm(out, axis=1, keepdims=True), view_norms
 
 
 @pytest.fixture
