@@ -16,7 +16,7 @@ def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def to_chw_tensor(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """uint8 images N x H x W x 3 (numpy, as `load_bin` gives them) or N x 3 x H x W -> N x 3 x H x W."""
+    """uint8 images N x H x W x 3 (as `load_bin` gives them) or N x 3 x H x W -> N x 3 x H x W."""
     t = torch.as_tensor(images)
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"expected uint8 images of rank 4, got {t.dtype} {tuple(t.shape)}")
@@ -89,8 +89,9 @@ def embed_images(model: nn.Module, images: Union[np.ndarray, torch.Tensor], batc
     """Embeddings of uint8 face crops: (L2-normalised fused float32 N x D, view norms).
 
     The view norms are the norms of the model's raw embeddings of each image and (with `flip`)
-    of its mirror, N or 2N values; their mean is insightface's "XNorm". The model runs in eval mode under no_grad (its train/eval mode is restored afterwards) on
-    `device`, default the model's own device.
+    of its mirror, N or 2N values; their mean is insightface's "XNorm". The model runs in eval
+    mode under no_grad (its train/eval mode is restored afterwards) on `device`, default the
+    model's own device.
     """
     chw = to_chw_tensor(images)
     if device is None:

@@ -92,8 +92,9 @@ def evaluate_bins(model: nn.Module,
     or `VerificationSet`s. Embeddings are flip-fused (emb(img) + emb(mirror(img))) and
     L2-normalised; the model runs in eval mode under no_grad and gets its previous mode back.
     Each entry holds "acc", "std" (k-fold protocol), "xnorm" (mean norm of the raw embeddings
-    of the images and their mirrors, insightface's XNorm), "num_pairs", "tar_at_far" ({"1e-06": tar, ...} from the pair cosines) and with
-    `keep_scores` the pair cosines and labels ("scores", "issame") for ROC plots.
+    of the images and their mirrors, insightface's XNorm), "num_pairs", "tar_at_far"
+    ({"1e-06": tar, ...} from the pair cosines) and with `keep_scores` the pair cosines and
+    labels ("scores", "issame") for ROC plots.
     """
     results: Dict[str, Dict[str, object]] = {}
     for source in bin_paths_or_loaded:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_faces import face_image, make_pairs, write_bin  # noqa: E402
+from eval_synthetic_faces import face_image, make_pairs, write_bin  # noqa: E402
 
 from partial_fc.eval import load_bin, metrics  # noqa: E402
 from partial_fc.eval.extraction import output_paths  # noqa: E402

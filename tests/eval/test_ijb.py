@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_faces import (face_image, jpeg_bytes, make_ijb_release,  # noqa: E402
+from eval_synthetic_faces import (face_image, make_ijb_release,  # noqa: E402
                              random_similarity, reference_warp)
 
 from partial_fc.data import decode_image  # noqa: E402

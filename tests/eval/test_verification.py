@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_faces import make_pairs, write_bin  # noqa: E402
+from eval_synthetic_faces import make_pairs, write_bin  # noqa: E402
 
 from partial_fc.eval import evaluate_bins, load_bin, load_verification_set, metrics  # noqa: E402
 from partial_fc.eval import verification  # noqa: E402
