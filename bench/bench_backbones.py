@@ -31,16 +31,20 @@ def measure(name, batch_size, steps, warmup, channels_last, device, amp):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    cpu_elapsed = time.process_time() - cpu_start
     return {"model": name, "params": sum(p.numel() for p in model.parameters()),
             "batch_size": batch_size, "channels_last": channels_last, "amp": amp,
             "device": str(device), "threads": torch.get_num_threads(),
-            "img_per_s": round(batch_size * steps / elapsed, 1)}
+            "img_per_s": round(batch_size * steps / elapsed, 1),
+            # CPU seconds of this process: on a shared machine, img_per_s is lowered by other
+            # work while img_per_cpu_s is not (x threads ~ the throughput of idle cores)
+            "img_per_cpu_s": round(batch_size * steps / max(cpu_elapsed, 1e-9), 1)}
 
 
 def main():

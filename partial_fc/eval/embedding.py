@@ -16,7 +16,7 @@ def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def to_chw_tensor(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """uint8 images N x H x W x 3 (numpy, as `load_bin` gives them) or N x 3 x H x W -> N x 3 x H x W."""
+    """uint8 images N x H x W x 3 (as `load_bin` gives them) or N x 3 x H x W -> N x 3 x H x W."""
     t = torch.as_tensor(images)
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"expected uint8 images of rank 4, got {t.dtype} {tuple(t.shape)}")
@@ -48,25 +48,33 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def embed_batch(model: nn.Module, batch_uint8: torch.Tensor, flip: bool = True,
+def embed_views(model: nn.Module, batch_uint8: torch.Tensor, flip: bool = True,
                 device: Optional[torch.device] = None,
                 autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Unnormalised (flip-fused when `flip`) float32 embeddings of one uint8 NCHW batch.
-
-    With `flip`, an image and its horizontal mirror go through the model in one batch and their
-    embeddings are summed.
-    """
+    """float32 embeddings of one uint8 NCHW batch of n images: n x D, or with `flip` 2n x D
+    (the images, then their horizontal mirrors; both go through the model in one batch)."""
     device = torch.device(device) if device is not None else model_device(model)
     x = preprocess(batch_uint8.to(device, non_blocking=True))
     if flip:
         x = torch.cat([x, torch.flip(x, dims=[3])])
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         emb = model(x)
-    emb = emb.float()
-    if flip:
-        n = batch_uint8.shape[0]
-        emb = emb[:n] + emb[n:]
-    return emb
+    return emb.float()
+
+
+def fuse_views(views: torch.Tensor, flip: bool) -> torch.Tensor:
+    """emb(image) + emb(mirror) from the output of `embed_views`."""
+    if not flip:
+        return views
+    n = views.shape[0] // 2
+    return views[:n] + views[n:]
+
+
+def embed_batch(model: nn.Module, batch_uint8: torch.Tensor, flip: bool = True,
+                device: Optional[torch.device] = None,
+                autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Unnormalised (flip-fused when `flip`) float32 embeddings of one uint8 NCHW batch."""
+    return fuse_views(embed_views(model, batch_uint8, flip, device, autocast_dtype), flip)
 
 
 def iter_batches(images: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
@@ -78,26 +86,27 @@ def embed_images(model: nn.Module, images: Union[np.ndarray, torch.Tensor], batc
                  device: Optional[Union[str, torch.device]] = None, flip: bool = True,
                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
                  desc: str = "embedding") -> Tuple[np.ndarray, np.ndarray]:
-    """Embeddings of uint8 face crops: (L2-normalised float32 N x D, their norms before normalising).
+    """Embeddings of uint8 face crops: (L2-normalised fused float32 N x D, view norms).
 
-    The model runs in eval mode under no_grad (its train/eval mode is restored afterwards) on
-    `device`, default the model's own device.
+    The view norms are the norms of the model's raw embeddings of each image and (with `flip`)
+    of its mirror, N or 2N values; their mean is insightface's "XNorm". The model runs in eval
+    mode under no_grad (its train/eval mode is restored afterwards) on `device`, default the
+    model's own device.
     """
     chw = to_chw_tensor(images)
     if device is None:
         device = model_device(model)
     device = torch.device(device)
-    if device.type == "cuda":
-        chw = chw.pin_memory()
-    chunks = []
+    fused, view_norms = [], []
     with eval_mode(model):
         for batch in tqdm(iter_batches(chw, batch_size), total=-(-chw.shape[0] // batch_size),
                           desc=desc, disable=not progress, leave=False):
-            chunks.append(embed_batch(model, batch, flip, device, autocast_dtype).cpu())
-    emb = torch.cat(chunks).double()
-    norms = emb.norm(dim=1)
-    normalized = emb / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
-    return normalized.float().numpy(), norms.float().numpy()
+            views = embed_views(model, batch, flip, device, autocast_dtype)
+            view_norms.append(views.double().norm(dim=1).cpu())
+            fused.append(fuse_views(views, flip).cpu())
+    emb = torch.cat(fused).double()
+    norms = emb.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return (emb / norms).float().numpy(), torch.cat(view_norms).float().numpy()
 
 
 def embed_loader(model: nn.Module, loader: Iterable, device: Optional[Union[str, torch.device]] = None,

@@ -23,7 +23,7 @@ from .embedding import embed_images, to_chw_tensor
 PathLike = Union[str, os.PathLike]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VerificationSet:
     """A decoded `.bin`: `images` uint8 2N x 3 x H x W (pair i = rows 2i, 2i+1), `issame` N bools."""
 
@@ -91,9 +91,10 @@ def evaluate_bins(model: nn.Module,
     Sets are `.bin` paths (decoded once per process and cached, keyed by path, mtime and size)
     or `VerificationSet`s. Embeddings are flip-fused (emb(img) + emb(mirror(img))) and
     L2-normalised; the model runs in eval mode under no_grad and gets its previous mode back.
-    Each entry holds "acc", "std" (k-fold protocol), "xnorm" (mean embedding norm before
-    normalising), "num_pairs", "tar_at_far" ({"1e-06": tar, ...} from the pair cosines) and with
-    `keep_scores` the pair cosines and labels ("scores", "issame") for ROC plots.
+    Each entry holds "acc", "std" (k-fold protocol), "xnorm" (mean norm of the raw embeddings
+    of the images and their mirrors, insightface's XNorm), "num_pairs", "tar_at_far"
+    ({"1e-06": tar, ...} from the pair cosines) and with `keep_scores` the pair cosines and
+    labels ("scores", "issame") for ROC plots.
     """
     results: Dict[str, Dict[str, object]] = {}
     for source in bin_paths_or_loaded:

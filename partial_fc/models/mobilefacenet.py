@@ -29,7 +29,8 @@ class ConvBNPReLU(nn.Sequential):
 
 
 class Bottleneck(nn.Module):
-    """1x1 expand to `hidden` -> depthwise 3x3 (stride) -> 1x1 linear projection; residual if same shape."""
+    """1x1 expand to `hidden` -> depthwise 3x3 (stride) -> linear 1x1 projection (+ identity
+    when the shape is kept)."""
 
     def __init__(self, in_ch: int, out_ch: int, hidden: int, stride: int = 1):
         super().__init__()

@@ -19,8 +19,10 @@ def autocast_dtype(name: str) -> Optional[torch.dtype]:
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=128, help="images per forward (default 128)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="images per forward (default 128)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none",
                         help="autocast dtype for PyTorch backbones (default none: fp32)")
     parser.add_argument("--no-flip", dest="flip", action="store_false",

@@ -18,7 +18,8 @@ from partial_fc.models import load_backbone
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfc-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="backbone.pt or a checkpoint directory holding it")
+    parser.add_argument("checkpoint", type=Path,
+                        help="backbone.pt or a checkpoint directory holding it")
     parser.add_argument("output", type=Path, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")

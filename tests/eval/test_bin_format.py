@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_faces import make_pairs, write_bin  # noqa: E402
+from eval_synthetic_faces import make_pairs, write_bin  # noqa: E402
 
 from partial_fc.data import decode_image  # noqa: E402
 from partial_fc.eval import load_bin  # noqa: E402

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_faces import (face_image, jpeg_bytes, make_ijb_release,  # noqa: E402
+from eval_synthetic_faces import (face_image, make_ijb_release,  # noqa: E402
                              random_similarity, reference_warp)
 
 from partial_fc.data import decode_image  # noqa: E402
@@ -173,3 +173,25 @@ def test_ijb_alignment_matters(ijb_release, tmp_path):
     bad = evaluate_ijb(PixelEmbedding(), bad_root, "IJBC", progress=False)
     gap = lambda r: r["scores"][r["labels"]].mean() - r["scores"][~r["labels"]].mean()  # noqa: E731
     assert gap(good) > gap(bad) + 0.05
+
+
+def test_eval_command_on_ijb(ijb_release, tmp_path, capsys):
+    import json
+
+    from partial_fc.models import get_model, save_backbone
+    from partial_fc.tools import eval as eval_tool
+
+    root, _ = ijb_release
+    torch.manual_seed(0)
+    ckpt = save_backbone(tmp_path / "backbone.pt", get_model("tiny", embedding_size=64), "tiny",
+                         {"embedding_size": 64})
+    out = tmp_path / "out"
+    assert eval_tool.main([str(ckpt), "--ijb-root", str(root), "--ijb-target", "IJBC",
+                           "-o", str(out), "--batch-size", "16"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["sets"] == {}
+    ijbc = report["ijb"]["IJBC"]
+    assert ijbc["num_pairs"] == 105 and ijbc["num_templates"] == 15
+    assert list(ijbc["tar_at_far"]) == ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
+    assert "IJBC" in capsys.readouterr().out
+    assert (out / "roc.png").stat().st_size > 1000

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_faces import make_pairs, write_bin  # noqa: E402
+from eval_synthetic_faces import make_pairs, write_bin  # noqa: E402
 
 from partial_fc.eval import evaluate_bins, load_bin, load_verification_set, metrics  # noqa: E402
 from partial_fc.eval import verification  # noqa: E402
@@ -23,7 +23,8 @@ def _reference_embeddings(model, images_hwc):
         emb = [model(torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2))).float())
                .double().numpy() for v in (x, mirrored)]
     out = emb[0] + emb[1]
-    return out / np.linalg.norm(out, axis=1, keepdims=True), np.linalg.norm(out, axis=1)
+    view_norms = np.concatenate([np.linalg.norm(e, axis=1) for e in emb])
+    return out / np.linalg.norm(out, axis=1, keepdims=True), view_norms
 
 
 @pytest.fixture
