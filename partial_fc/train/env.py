@@ -77,17 +77,32 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     return DistEnv()
 
 
+def rendezvous_store(env: DistEnv, timeout: timedelta, environ: Optional[Mapping[str, str]] = None):
+    """The key-value store the ranks meet in, with keys private to this (re)start of the job.
+
+    Under torchrun the agent hosts the store and keeps it across restarts (``--max-restarts``);
+    without a per-attempt prefix, a restarted gloo group reads the dead round's peer addresses
+    and fails to connect (seen with torch 2.13). Elsewhere rank 0 hosts a fresh store.
+    """
+    environ = os.environ if environ is None else environ
+    agent_hosts_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=not agent_hosts_store and env.rank == 0, timeout=timeout)
+    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"partial_fc/attempt_{attempt}", store)
+
+
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: float) -> None:
     """Create the default process group (nccl on CUDA, gloo on CPU) with a collective timeout."""
     if not env.distributed or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=float(timeout_s))
     kwargs = dict(
-        backend=backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        backend="nccl" if device.type == "cuda" else "gloo",
+        store=rendezvous_store(env, timeout),
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(seconds=float(timeout_s)),
+        timeout=timeout,
     )
     if device.type == "cuda":
         kwargs["device_id"] = device

@@ -63,6 +63,8 @@ def test_sigkill_of_a_rank_restarts_resumes_and_matches_an_uninterrupted_run(tmp
         if proc.poll() is None:
             proc.kill()
     assert killed is not None, "the run ended before the kill"
+    if proc.returncode != 0:
+        (tmp_path / "torchrun-output.log").write_text(out)  # for a post-mortem
     assert proc.returncode == 0, out[-5000:]
     records = [r for r in metrics(run_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 31)), "one record per step"
