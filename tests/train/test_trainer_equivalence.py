@@ -79,3 +79,27 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     moved_c = sum((a - b).norm() ** 2 for a, b in zip(parameters_of(clipped)["backbone"], start["backbone"]))
     moved_f = sum((a - b).norm() ** 2 for a, b in zip(parameters_of(free)["backbone"], start["backbone"]))
     assert moved_c < moved_f
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_on_cpu(tmp_path, precision):
+    trainer = make_trainer(tmp_path, batch_size=8, precision=precision)
+    fp32 = make_trainer(tmp_path / "fp32", batch_size=8)
+    record, ref = trainer.train_step(), fp32.train_step()
+    assert record["loss"] == pytest.approx(ref["loss"], rel=0.05)
+    if precision == "bf16":
+        assert record["skipped_steps"] == 0 and "amp_scale" not in record
+        return
+    # fp16: GradScaler starts at 2^16; steps whose scaled gradients overflow are skipped on every
+    # rank and halve the scale, until steps go through.
+    records = [record] + [trainer.train_step() for _ in range(7)]
+    skipped = records[-1]["skipped_steps"]
+    assert skipped < len(records), "some fp16 steps must go through"
+    assert records[-1]["amp_scale"] == 2.0 ** (16 - skipped)
+
+
+def test_fp16_non_finite_step_backs_off_the_loss_scale(tmp_path):
+    trainer = make_trainer(tmp_path, batch_size=8, precision="fp16",
+                           backbone=NaNOnCall(linear_backbone(), bad_call=1))
+    record = trainer.train_step()
+    assert record["skipped_steps"] == 1 and record["amp_scale"] == 2.0 ** 15
