@@ -192,8 +192,20 @@ class Trainer:
             "rank": self.rank,
         }
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's backbone buffers (BatchNorm running statistics).
+
+        Ranks keep their own statistics while training (no per-step broadcast); before evaluating
+        or saving, all ranks take rank 0's, so validation scores exactly the saved backbone.
+        """
+        if self.group is None:
+            return
+        for buffer in self.backbone.buffers():
+            dist.broadcast(buffer, src=dist.get_global_rank(self.group, 0), group=self.group)
+
     def save_checkpoint(self) -> Path:
         self.phase = "checkpoint (barriers around the shard writes)"
+        self.sync_buffers()
         manifest = {"num_classes": self.classifier.num_classes, **self.s.extra_manifest}
         path = self.writer.save(self.step, self.state() if self.rank == 0 else {},
                                 self.shard_state(), manifest, self.save_backbone if self.rank == 0 else None)
@@ -327,6 +339,7 @@ class Trainer:
 
         results = {}
         self.phase = "validation (all-gather of embeddings)"
+        self.sync_buffers()
         for vset in self.val_sets:
             n = vset.images.shape[0]
             lo = n * self.rank // self.world_size

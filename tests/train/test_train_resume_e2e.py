@@ -1,5 +1,6 @@
 """End to end through torchrun: stop and resume equals an uninterrupted run; resume on 3 ranks."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,15 @@ def _check_outputs(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["world_size"] == 2
     assert (run_dir / "checkpoints" / "step_00000008" / "backbone.pt").is_file()
+    # The in-training validation (sharded over ranks) scores exactly the saved backbone.
+    from partial_fc.eval import evaluate_bins
+    from partial_fc.models import load_backbone
+
+    backbone = load_backbone(run_dir / "checkpoints" / "step_00000008")
+    heldout = Path(summary["dataset"]) / "heldout.bin"
+    offline = evaluate_bins(backbone, [heldout], batch_size=16)["heldout"]["acc"]
+    logged = [r["val/heldout/acc"] for r in metrics(run_dir) if r.get("step") == 8 and "val/heldout/acc" in r]
+    assert logged == [pytest.approx(offline, abs=1e-9)]
 
 
 def test_stop_resume_equals_uninterrupted_and_reshards_to_three_ranks(tmp_path, cache):
