@@ -35,9 +35,10 @@ NORM_EPS = 1e-12
 
 # Default tile budget (elements of one [rows x block] tile) per device type. CPU: 4M elements
 # (4096 classes at Bg=1024) measured best on a 2-core machine (bench/RESULTS.md); smaller blocks
-# cost little single-threaded but pay a thread-pool barrier per operation. CUDA: the 128K-class
-# blocks of the feasibility probe at Bg=1024 (DESIGN.md section 7).
-DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 27}
+# cost little single-threaded but pay a thread-pool barrier per operation. CUDA: 64K classes at
+# Bg=1024 (a 256 MiB fp32 tile; the feasibility probe of DESIGN.md section 7 used 128K-256K),
+# leaving room for weight, gradient and momentum within the 8 GiB target at 1M classes.
+DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def default_block_size(rows: int, device: torch.device) -> int:
@@ -164,7 +165,7 @@ class _ChunkedMarginLoss(torch.autograd.Function):
     def forward(ctx, embeddings, weight, target_index, row_index, head, group, block_size,
                 gemm_dtype, side):
         work = compute_dtype(embeddings, weight)
-        gemm = resolve_gemm_dtype(embeddings, work, gemm_dtype)
+        gemm = gemm_dtype or work  # resolved by chunked_margin_loss (autocast is off in here)
         blocks = _Blocks(weight, row_index, target_index, block_size, work, gemm)
         rows = embeddings.shape[0]
         device = embeddings.device
@@ -341,9 +342,12 @@ def chunked_margin_loss(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     side: Dict[str, object] = {}
-    loss = _ChunkedMarginLoss.apply(
-        embeddings, weight, target_index, row_index, head, group, block_size, gemm_dtype, side
-    )
+    gemm = resolve_gemm_dtype(embeddings, compute_dtype(embeddings, weight), gemm_dtype)
+    # The function picks every dtype itself: autocast would recast its fp32 statistics.
+    with torch.autocast(embeddings.device.type, enabled=False):
+        loss = _ChunkedMarginLoss.apply(
+            embeddings, weight, target_index, row_index, head, group, block_size, gemm, side
+        )
     diagnostics = {k: v.detach() for k, v in head.diagnostics(side["prep"], side["stats"]).items()}
     diagnostics["target_cos"] = side["target_cos"]
     return loss, diagnostics
