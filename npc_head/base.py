@@ -15,7 +15,10 @@ into logits. Per step, for the global batch:
    ``negative_logit_slope(cos, prep)`` is its elementwise derivative d logit / d cos, which the
    chunked classifier needs to form gradients without autograd over the tiles; ``None`` means 1.
    The default derives it with autograd (or returns ``None`` for the identity mapping); heads
-   may override it with a closed form.
+   may override it with a closed form. Two tile-level combinations, which the chunked
+   classifier calls and heads may override to share work (both may overwrite ``cos``):
+   ``negative_stats_and_logits(cos, prep)`` -> (stats, scale * logits) and
+   ``negative_softmax_slope(cos, prep, shift)`` -> exp(scale * logit - shift) * slope.
 4. ``positive_logit(target_cos, prep, stats)`` gives the (unscaled) target logit from the
    differentiable target cosine of the rows this rank owns, with ``prep`` and ``stats`` restricted
    to those rows.
@@ -78,7 +81,7 @@ class MarginHead(nn.Module):
 
     def negative_logit_slope(self, cos: torch.Tensor, prep: Prep) -> Optional[torch.Tensor]:
         """Elementwise d negative_logits / d cos (``None``: identically 1)."""
-        if type(self).negative_logits is MarginHead.negative_logits:
+        if self._identity_negatives():
             return None
         with torch.enable_grad():
             c = cos.detach().requires_grad_(True)
@@ -87,6 +90,25 @@ class MarginHead(nn.Module):
                 return torch.zeros_like(cos)
             (slope,) = torch.autograd.grad(logits, c, torch.ones_like(logits), allow_unused=True)
         return torch.zeros_like(cos) if slope is None else slope
+
+    def negative_stats_and_logits(self, cos: torch.Tensor, prep: Prep):
+        """``(negative_stats(cos, prep), scale * negative_logits(cos, prep))`` of one tile of
+        cosines (the chunked classifier's forward). May overwrite ``cos``."""
+        stats = self.negative_stats(cos, prep)
+        logits = cos if self._identity_negatives() else self.negative_logits(cos, prep)
+        return stats, logits.mul_(self.scale)
+
+    def negative_softmax_slope(self, cos: torch.Tensor, prep: Prep, shift: torch.Tensor):
+        """``exp(scale * negative_logits(cos) - shift[:, None]) * negative_logit_slope(cos)`` of
+        one tile (the chunked classifier's backward; ``shift`` is each row's logit maximum).
+        May overwrite ``cos``."""
+        slope = self.negative_logit_slope(cos, prep)
+        logits = cos if self._identity_negatives() else self.negative_logits(cos, prep)
+        out = logits.mul_(self.scale).sub_(shift[:, None]).exp_()
+        return out if slope is None else out.mul_(slope)
+
+    def _identity_negatives(self) -> bool:
+        return type(self).negative_logits is MarginHead.negative_logits
 
     def positive_logit(
         self, target_cos: torch.Tensor, prep: Prep, stats: Optional[torch.Tensor]

@@ -55,6 +55,28 @@ class NPCFace(MarginHead):
         one = torch.ones((), dtype=cos.dtype, device=cos.device)
         return torch.where(hard, one * self.t, one)
 
+    # Tile-level versions for the chunked classifier. Only float arithmetic on the tile (masks as
+    # 0/1 floats): on CPU, where() and boolean reductions cost ten times a float pass.
+    def _hard_terms(self, cos: torch.Tensor, prep: Prep):
+        hard = torch.gt(cos, prep["tau"][:, None], out=torch.empty_like(cos))
+        return hard, cos * hard
+
+    def negative_stats_and_logits(self, cos: torch.Tensor, prep: Prep):
+        # A tile's sums run in its own dtype (fp32 or wider: counts exact up to 2^24 columns);
+        # the classifier accumulates the blocks in float64.
+        hard, hard_cos = self._hard_terms(cos, prep)
+        stats = torch.stack([hard_cos.sum(dim=1).double(), hard.sum(dim=1).double()], dim=1)
+        s = self.scale  # s*c + s(t-1)*[hard]c + s*alpha*[hard] = s * (t c + alpha if hard else c)
+        logits = cos.mul_(s).add_(hard_cos, alpha=s * (self.t - 1.0)).add_(hard, alpha=s * self.alpha)
+        return stats, logits
+
+    def negative_softmax_slope(self, cos: torch.Tensor, prep: Prep, shift: torch.Tensor):
+        hard, hard_cos = self._hard_terms(cos, prep)
+        s = self.scale  # the logits exactly as in the forward, then times t where hard
+        out = cos.mul_(s).add_(hard_cos, alpha=s * (self.t - 1.0)).add_(hard, alpha=s * self.alpha)
+        probs = out.sub_(shift[:, None]).exp_()
+        return probs.addcmul_(probs, hard, value=self.t - 1.0)
+
     def margin(self, stats: torch.Tensor) -> torch.Tensor:
         """m_i from the all-reduced statistics (float64, no gradient)."""
         return self.m0 + self.m1 * stats[:, 0] / stats[:, 1].clamp(min=1.0)

@@ -8,15 +8,15 @@ Forward (one sweep over the class blocks):
 1. every owned row's target cosine c_y is computed directly from the gathered target rows of the
    weight (a row-wise dot product) and all-reduced, so ``head.prepare`` (NPCFace's threshold tau)
    is known before the sweep;
-2. per block: the cosine tile (the GEMM of the normalised embeddings with the raw weight rows,
-   scaled by 1/|w_k| instead of writing a normalised copy of the weight), the head's per-row
-   negative statistics (they are sums, so they add over blocks) and an online max / sum-exp of the
+2. per block: the cosine tile (the GEMM of the normalised embeddings with this block's rows,
+   normalised on the fly: no normalised copy of the weight is ever written), the head's per-row
+   negative statistics (they are sums, so they add over blocks) and a running log-sum-exp of the
    scaled negative logits (a hard negative's logit depends on tau only, not on NPCFace's m_i);
 3. statistics are all-reduced, the positive logit (which needs m_i) joins the running max and
    sum-exp, and those are all-reduced.
 
-Backward recomputes each tile, forms d loss / d cosine from the saved per-row log-sum-exp, and
-feeds the two gradient GEMMs: the normalised-embedding gradient accumulates over blocks and each
+Backward recomputes each tile, forms d loss / d cosine from the saved per-row log-sum-exp (the
+head's ``negative_softmax_slope``), and feeds the two gradient GEMMs: the normalised-embedding gradient accumulates over blocks and each
 block's weight gradient is written once, both chained through the normalisations by hand.
 """
 from __future__ import annotations
@@ -33,10 +33,12 @@ from .margin_loss import LOW_PRECISION, compute_dtype, gather_target_cosines
 # F.normalize's default floor on the norm; the chunked path reproduces it exactly.
 NORM_EPS = 1e-12
 
-# Default tile budget (elements of one [rows x block] tile) per device type. The CPU figure keeps
-# a handful of fp32 tiles within the last-level cache of a small machine; the CUDA one is the
-# 128K-256K class blocks of the feasibility probe at Bg=1024 (DESIGN.md section 7).
-DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 27}
+# Default tile budget (elements of one [rows x block] tile) per device type. CPU: 4M elements
+# (4096 classes at Bg=1024) measured best on a 2-core machine (bench/RESULTS.md); smaller blocks
+# cost little single-threaded but pay a thread-pool barrier per operation. CUDA: 64K classes at
+# Bg=1024 (a 256 MiB fp32 tile; the feasibility probe of DESIGN.md section 7 used 128K-256K),
+# leaving room for weight, gradient and momentum within the 8 GiB target at 1M classes.
+DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def default_block_size(rows: int, device: torch.device) -> int:
@@ -58,15 +60,29 @@ def resolve_gemm_dtype(embeddings: torch.Tensor, work: torch.dtype, gemm_dtype=N
     return work
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with the result in ``out_dtype``; bf16/fp16 inputs accumulate in fp32 and, on CUDA,
-    the product is written in fp32 directly instead of being rounded to bf16 first."""
-    if a.dtype in LOW_PRECISION and a.is_cuda:  # pragma: no cover - CUDA only
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32).to(out_dtype)
-        except (RuntimeError, TypeError):
-            pass
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out=None) -> torch.Tensor:
+    """a @ b with the result in ``out_dtype`` (written into ``out`` when given and of that dtype);
+    bf16/fp16 inputs accumulate in fp32 and, on CUDA, the product is written in fp32 directly
+    instead of being rounded to bf16 first."""
+    if a.dtype in LOW_PRECISION:
+        if a.is_cuda:  # pragma: no cover - CUDA only
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32).to(out_dtype)
+            except (RuntimeError, TypeError):
+                pass
+        return (a @ b).to(out_dtype)
+    if out is not None and out.dtype == a.dtype == out_dtype:
+        return torch.mm(a, b, out=out)
     return (a @ b).to(out_dtype)
+
+
+def _tile_buffer(rows: int, blocks: "_Blocks", device) -> torch.Tensor:
+    """One reusable [rows x block] buffer (fresh large allocations page-fault on CPU)."""
+    return torch.empty(rows * min(blocks.block_size, blocks.count), dtype=blocks.work, device=device)
+
+
+def _tile(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return buffer[: rows * cols].view(rows, cols)
 
 
 class _Blocks:
@@ -84,18 +100,21 @@ class _Blocks:
         for start in range(0, self.count, self.block_size):
             yield start, min(start + self.block_size, self.count)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """The raw weight rows of block [start, stop) in the working dtype."""
+    def _raw(self, local: slice | torch.Tensor) -> torch.Tensor:
         if self.row_index is None:
-            rows = self.weight[start:stop]
+            rows = self.weight[local] if isinstance(local, slice) else self.weight.index_select(0, local)
         else:
-            rows = self.weight.index_select(0, self.row_index[start:stop])
+            rows = self.weight.index_select(0, self.row_index[local])
         return rows.to(self.work)
 
-    def gathered(self, local_cols: torch.Tensor) -> torch.Tensor:
-        """The raw weight rows of the given scored-row indices, in the working dtype."""
-        index = local_cols if self.row_index is None else self.row_index[local_cols]
-        return self.weight.index_select(0, index).to(self.work)
+    def unit_rows(self, local: slice | torch.Tensor):
+        """(w/|w| in the working dtype, the same in the GEMM dtype, |w|) of the given scored rows.
+
+        Only this block's rows are normalised (a [block x D] temporary, cheaper than scaling the
+        [rows x block] tile whenever D < rows); the weight itself is never copied whole."""
+        rows = self._raw(local)
+        unit, norm = _normalize_rows(rows)
+        return unit, (unit if self.gemm == self.work else unit.to(self.gemm)), norm
 
     def targets_in(self, start: int, stop: int):
         """(owned positions, rows, columns within the block) of the targets in [start, stop)."""
@@ -117,10 +136,17 @@ def _normalize_backward(grad_unit: torch.Tensor, unit: torch.Tensor, norm: torch
     return projected * inv[:, None]
 
 
-def _cosine_tile(e_gemm, w_rows, inv_norm, blocks: _Blocks):
-    """Unclamped cosines <e_i, w_k>/|w_k| of one block, in the working dtype."""
-    raw = _matmul(e_gemm, w_rows.to(blocks.gemm).t(), blocks.work)
-    return raw.mul_(inv_norm[None, :])
+def _clamp_unit_(cos: torch.Tensor) -> Optional[torch.Tensor]:
+    """Clamp to [-1, 1] in place; returns where it clamped (None when nothing was outside,
+    checked with one read pass, the usual case)."""
+    if cos.numel() == 0:
+        return None
+    low, high = torch.aminmax(cos)
+    if bool(low >= -1.0) and bool(high <= 1.0):
+        return None
+    outside = (cos < -1.0) | (cos > 1.0)
+    cos.clamp_(-1.0, 1.0)
+    return outside
 
 
 def _positive_and_slope(head, target_cos, prep, stats):
@@ -139,7 +165,7 @@ class _ChunkedMarginLoss(torch.autograd.Function):
     def forward(ctx, embeddings, weight, target_index, row_index, head, group, block_size,
                 gemm_dtype, side):
         work = compute_dtype(embeddings, weight)
-        gemm = resolve_gemm_dtype(embeddings, work, gemm_dtype)
+        gemm = gemm_dtype or work  # resolved by chunked_margin_loss (autocast is off in here)
         blocks = _Blocks(weight, row_index, target_index, block_size, work, gemm)
         rows = embeddings.shape[0]
         device = embeddings.device
@@ -149,31 +175,31 @@ class _ChunkedMarginLoss(torch.autograd.Function):
 
         # 1. Target cosines straight from the target rows (the owner contributes, then all-reduce).
         owned_rows, owned_cols = blocks.owned_rows, blocks.owned_cols
-        w_target = blocks.gathered(owned_cols)
-        target_inv = 1.0 / w_target.norm(dim=1).clamp_min(NORM_EPS)
-        raw_target = (e_gemm[owned_rows].to(work) * w_target.to(gemm).to(work)).sum(dim=1)
-        raw_target = raw_target * target_inv
+        _, w_target, _ = blocks.unit_rows(owned_cols)
+        raw_target = (e_gemm[owned_rows].to(work) * w_target.to(work)).sum(dim=1)
         local_target = raw_target.clamp(-1.0, 1.0)
         target_cos = gather_target_cosines(local_target, owned_rows, rows, work, device, group)
         prep = head.prepare(target_cos)
 
-        # 2. One sweep: negative statistics and the online max / sum-exp of the negative logits.
+        # 2. One sweep: negative statistics and the running max / sum-exp of the negative logits
+        #    (kept as max and a sum relative to it, not as a log: adding logs of magnitude ~s
+        #    block after block would cost fp32 an ulp of s each time).
         stats = None
         neg_max = torch.full((rows,), -math.inf, dtype=work, device=device)
         neg_sum = torch.zeros(rows, dtype=work, device=device)
+        buffer = _tile_buffer(rows, blocks, device)
         for start, stop in blocks.ranges():
-            w_rows = blocks.rows(start, stop)
-            w_norm[start:stop] = w_rows.norm(dim=1)
-            inv = 1.0 / w_norm[start:stop].clamp_min(NORM_EPS)
-            cos = _cosine_tile(e_gemm, w_rows, inv, blocks).clamp_(-1.0, 1.0)
-            block_stats = head.negative_stats(cos, prep)
+            _, w_gemm, w_norm[start:stop] = blocks.unit_rows(slice(start, stop))
+            cos = _matmul(e_gemm, w_gemm.t(), work, out=_tile(buffer, rows, stop - start))
+            _clamp_unit_(cos)
             which, t_rows, t_cols = blocks.targets_in(start, stop)
+            target_vals = cos[t_rows, t_cols]
+            block_stats, logits = head.negative_stats_and_logits(cos, prep)
             if block_stats is not None:
                 if which.numel():
-                    own = head.negative_stats(cos[t_rows, t_cols][:, None], _select(prep, t_rows))
+                    own = head.negative_stats(target_vals[:, None], _select(prep, t_rows))
                     block_stats.index_add_(0, t_rows, own, alpha=-1)
                 stats = block_stats if stats is None else stats.add_(block_stats)
-            logits = head.negative_logits(cos, prep).mul_(head.scale)  # cos is not needed after
             logits[t_rows, t_cols] = -math.inf
             new_max = torch.maximum(neg_max, logits.amax(dim=1))
             shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
@@ -181,7 +207,8 @@ class _ChunkedMarginLoss(torch.autograd.Function):
                 logits.sub_(shift[:, None]).exp_().sum(dim=1)
             )
             neg_max = new_max
-            del cos, logits, w_rows
+            del cos, logits, w_gemm
+        del buffer
         if stats is None and head.num_stats:
             stats = torch.zeros(rows, head.num_stats, dtype=torch.float64, device=device)
         if stats is not None:
@@ -200,63 +227,70 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         target_logit = torch.zeros_like(local_sum)
         target_logit[owned_rows] = positive
         summed = all_reduce(torch.stack([local_sum, target_logit]), dist.ReduceOp.SUM, group)
-        log_sum = torch.log(summed[0])
-        loss = log_sum + row_max - summed[1]
-        lse = row_max + log_sum
+        sum_exp = summed[0]
+        loss = torch.log(sum_exp) + row_max - summed[1]
 
-        # d loss_i / d c_y (per unit upstream gradient), through the clamp of c_y.
-        p_target = torch.exp(positive - lse[owned_rows])
+        # d loss_i / d c_y (per unit upstream gradient and scale, times sum_exp), through the
+        # clamp of c_y. Backward works with exp(logit - row_max) and divides by sum_exp per row,
+        # as the reference softmax does (a log-sum-exp of magnitude ~s would cost fp32 an ulp).
+        p_target = torch.exp(positive - row_max[owned_rows])
         in_range = (raw_target >= -1.0) & (raw_target <= 1.0)
-        target_coef = (p_target - 1.0) * positive_slope.to(work) * in_range.to(work)
+        target_coef = (p_target - sum_exp[owned_rows]) * positive_slope.to(work) * in_range.to(work)
 
         side.update(prep=prep, stats=stats, target_cos=target_cos)
         ctx.blocks, ctx.head, ctx.prep = blocks, head, prep
         ctx.embedding_dtype = embeddings.dtype
-        ctx.save_for_backward(e_unit, e_norm, weight, row_index, w_norm, lse, target_coef)
+        ctx.save_for_backward(e_unit, e_norm, weight, row_index, w_norm, row_max, sum_exp, target_coef)
         ctx.has_row_index = row_index is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        e_unit, e_norm, weight, row_index, w_norm, lse, target_coef = ctx.saved_tensors
+        e_unit, e_norm, weight, row_index, w_norm, row_max, sum_exp, target_coef = ctx.saved_tensors
         blocks, head, prep = ctx.blocks, ctx.head, ctx.prep
         blocks.weight, blocks.row_index = weight, (row_index if ctx.has_row_index else None)
         work, gemm = blocks.work, blocks.gemm
         need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        scale_rows = grad_loss.to(work) * head.scale
+        # d loss / d cos_ik = row_scale_i * P_ik with P = exp(s N(c_ik) - row_max_i) N'(c_ik) from
+        # the head: the per-row factor (upstream gradient, s, 1 / sum-exp) is applied to the
+        # [rows x D] operands and results, never to the tile.
+        row_scale = grad_loss.to(work) * head.scale / sum_exp
         e_gemm = e_unit.to(gemm)
+        e_scaled = (e_unit * row_scale[:, None]).to(gemm) if need_w else None
         grad_unit = torch.zeros_like(e_unit) if need_e else None
         grad_weight = torch.zeros_like(weight) if need_w else None
+        rows = e_unit.shape[0]
+        buffer = _tile_buffer(rows, blocks, e_unit.device)
         for start, stop in blocks.ranges():
-            w_rows = blocks.rows(start, stop)
-            norm = w_norm[start:stop]
-            inv = 1.0 / norm.clamp_min(NORM_EPS)
-            x = _cosine_tile(e_gemm, w_rows, inv, blocks)
-            cos = x.clamp(-1.0, 1.0)
-            slope = head.negative_logit_slope(cos, prep)
-            logits = head.negative_logits(cos, prep).mul_(head.scale)  # cos is not needed after
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax probabilities of the negatives
-            if slope is not None:
-                grad.mul_(slope)
-            grad.mul_(scale_rows[:, None])
-            grad.masked_fill_((x < -1.0) | (x > 1.0), 0.0)  # the clamp passes no gradient there
+            w_unit, w_gemm, _ = blocks.unit_rows(slice(start, stop))
+            cos = _matmul(e_gemm, w_gemm.t(), work, out=_tile(buffer, rows, stop - start))
+            outside = _clamp_unit_(cos)
+            grad = head.negative_softmax_slope(cos, prep, row_max)
+            if outside is not None:
+                grad.masked_fill_(outside, 0.0)  # the clamp passes no gradient there
             which, t_rows, t_cols = blocks.targets_in(start, stop)
-            grad[t_rows, t_cols] = scale_rows[t_rows] * target_coef[which]
-            del x, cos, slope, logits
+            grad[t_rows, t_cols] = target_coef[which]
+            del cos, outside
+            grad_gemm = grad.to(gemm)
             if need_e:
-                grad_unit += _matmul((grad * inv[None, :]).to(gemm), w_rows.to(gemm), work)
+                if grad_gemm.dtype == work:
+                    grad_unit.addmm_(grad_gemm, w_gemm)
+                else:
+                    grad_unit += _matmul(grad_gemm, w_gemm, work)
             if need_w:
-                grad_w_unit = _matmul(grad.t().to(gemm), e_gemm, work)
-                w_unit = w_rows * inv[:, None]
+                grad_w_unit = _matmul(grad_gemm.t(), e_scaled, work)
+                norm = w_norm[start:stop]
                 radial = (w_unit * grad_w_unit).sum(dim=1, keepdim=True)
-                tiny = (norm < NORM_EPS)[:, None]
-                grad_w = (grad_w_unit - torch.where(tiny, 0.0, w_unit * radial)) * inv[:, None]
+                keep = (norm >= NORM_EPS)[:, None].to(work)  # F.normalize's eps branch
+                grad_w = (grad_w_unit - w_unit * (radial * keep)) / norm.clamp_min(NORM_EPS)[:, None]
                 if ctx.has_row_index:
                     grad_weight.index_add_(0, row_index[start:stop], grad_w.to(weight.dtype))
                 else:
                     grad_weight[start:stop] = grad_w
+            del grad, grad_gemm
         grad_embeddings = None
         if need_e:
+            grad_unit.mul_(row_scale[:, None])
             grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
         ctx.blocks = ctx.prep = None
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
@@ -308,9 +342,12 @@ def chunked_margin_loss(
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     side: Dict[str, object] = {}
-    loss = _ChunkedMarginLoss.apply(
-        embeddings, weight, target_index, row_index, head, group, block_size, gemm_dtype, side
-    )
+    gemm = resolve_gemm_dtype(embeddings, compute_dtype(embeddings, weight), gemm_dtype)
+    # The function picks every dtype itself: autocast would recast its fp32 statistics.
+    with torch.autocast(embeddings.device.type, enabled=False):
+        loss = _ChunkedMarginLoss.apply(
+            embeddings, weight, target_index, row_index, head, group, block_size, gemm, side
+        )
     diagnostics = {k: v.detach() for k, v in head.diagnostics(side["prep"], side["stats"]).items()}
     diagnostics["target_cos"] = side["target_cos"]
     return loss, diagnostics

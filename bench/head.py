@@ -1,0 +1,137 @@
+"""Step time and peak memory of the classifier head alone: forward, backward and the
+SGD-momentum update of one device's class shard, for a synthetic global batch.
+
+    python bench/head.py --device cpu --classes 100000 --batch 1024 --head npcface --impl chunked
+
+Prints one JSON line: ``ms`` (median step), ``peak_bytes`` (CUDA: max allocated; CPU: the
+process's peak RSS, so run one configuration per process), the resolved implementation and
+the configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import npc_head  # noqa: E402
+import partial_fc  # noqa: E402
+from partial_fc.optim import build_classifier_optimizer  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--classes", type=int, default=100_000, help="classes on this device")
+    p.add_argument("--batch", type=int, default=1024, help="global (gathered) batch")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--head", choices=["npcface", "arcface"], default="npcface")
+    p.add_argument("--impl", choices=["reference", "chunked", "auto"], default="chunked")
+    p.add_argument("--sample-rate", type=float, default=1.0)
+    p.add_argument("--block-size", type=int, default=None, help="chunked: classes per block")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16: GEMMs in bf16 (autocast), statistics fp32; default bf16 on CUDA")
+    p.add_argument("--optimizer", choices=["rowsparse", "torch"], default="rowsparse",
+                   help="row-sparse SGD (sampled rows only) or torch.optim.SGD (every row)")
+    p.add_argument("--warmup", type=int, default=None, help="default: 2 on CPU, 10 on CUDA")
+    p.add_argument("--iters", type=int, default=None, help="default: 5 on CPU, 30 on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    return p.parse_args(argv)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def build(args, device):
+    head = npc_head.NPCFace() if args.head == "npcface" else npc_head.ArcFace(m=0.5)
+    module = partial_fc.PartialFC(
+        head, args.dim, args.classes, sample_rate=args.sample_rate, impl=args.impl,
+        block_size=args.block_size, seed=args.seed,
+    ).to(device)
+    if args.optimizer == "torch":
+        opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    else:
+        opt = build_classifier_optimizer(module, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return module, opt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench/head.py: --device cuda but torch.cuda.is_available() is False")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    warmup = args.warmup if args.warmup is not None else (10 if device.type == "cuda" else 2)
+    iters = args.iters if args.iters is not None else (30 if device.type == "cuda" else 5)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    module, opt = build(args, device)
+    # A fresh synthetic batch every step (a few kept on the device), so the head does not
+    # memorise one batch and the NPCFace statistics stay those of random embeddings.
+    generator = torch.Generator(device="cpu").manual_seed(args.seed + 1)
+    batches = [
+        (torch.randn(args.batch, args.dim, generator=generator).to(device),
+         torch.randint(0, args.classes, (args.batch,), generator=generator).to(device))
+        for _ in range(4)
+    ]
+    rss_before = peak_rss_bytes()
+
+    def step(i):
+        embeddings, labels = batches[i % len(batches)]
+        emb = embeddings.detach().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = module(emb, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, cpu_times = [], []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+            cpu_times.append((time.process_time() - cpu_start) * 1e3)
+    if not torch.isfinite(loss.detach()):
+        sys.exit(f"bench/head.py: non-finite loss {float(loss)}")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = peak_rss_bytes()
+    record = {
+        "bench": "head", "device": device.type, "head": args.head, "impl": args.impl,
+        "resolved_impl": module.last_impl, "classes": args.classes, "batch": args.batch,
+        "dim": args.dim, "sample_rate": args.sample_rate, "block_size": args.block_size,
+        "precision": precision, "optimizer": args.optimizer, "warmup": warmup, "iters": iters,
+        "ms": round(statistics.median(times), 3), "ms_min": round(min(times), 3),
+        "ms_max": round(max(times), 3), "cpu_ms": round(statistics.median(cpu_times), 3),
+        "peak_bytes": int(peak),
+        "peak_gib": round(peak / 2**30, 3), "loss": round(float(loss.detach()), 5),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+    if device.type == "cpu":
+        record["rss_before_step_bytes"] = int(rss_before)
+    else:
+        record["gpu"] = torch.cuda.get_device_name(device)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

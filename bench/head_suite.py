@@ -1,0 +1,76 @@
+"""Run bench/head.py over a grid, one subprocess per configuration (so CPU peak RSS is per
+configuration), and print each JSON line followed by a Markdown table.
+
+    python bench/head_suite.py --preset cpu            # item 6: 100K classes, batch 256 / 1024
+    python bench/head_suite.py --preset gpu            # 1M / 4M / 16M classes on one CUDA device
+
+Extra arguments after ``--`` go to every bench/head.py run (e.g. ``-- --iters 3``).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HEAD = Path(__file__).resolve().parent / "head.py"
+
+PRESETS = {
+    "cpu": dict(device="cpu", classes=[100_000], batch=[256, 1024], head=["npcface", "arcface"],
+                impl=["reference", "chunked"], rate=[1.0]),
+    "gpu": dict(device="cuda", classes=[1_000_000, 4_000_000, 16_000_000], batch=[1024],
+                head=["npcface", "arcface"], impl=["reference", "chunked"], rate=[1.0, 0.1]),
+}
+
+
+def run(config, extra, timeout):
+    cmd = [sys.executable, str(HEAD), "--device", config["device"], "--classes",
+           str(config["classes"]), "--batch", str(config["batch"]), "--head", config["head"],
+           "--impl", config["impl"], "--sample-rate", str(config["rate"]), *extra]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**config, "error": f"timeout after {timeout}s"}, cmd
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        message = "out of memory" if "out of memory" in (proc.stderr or "").lower() else tail[0]
+        return {**config, "error": message[:200]}, cmd
+    return json.loads(lines[-1]), cmd
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
+    args, extra = p.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    grid = PRESETS[args.preset]
+    rows = []
+    for classes, batch, rate, head, impl in itertools.product(
+        grid["classes"], grid["batch"], grid["rate"], grid["head"], grid["impl"]
+    ):
+        if impl == "reference" and grid["device"] == "cuda" and classes * rate > 4_000_000:
+            continue  # the materialised logits alone exceed the device (DESIGN.md section 7)
+        config = dict(device=grid["device"], classes=classes, batch=batch, head=head, impl=impl,
+                      rate=rate)
+        record, cmd = run(config, extra, args.timeout)
+        record["command"] = " ".join(["python", "bench/head.py", *cmd[2:]])
+        print(json.dumps(record), flush=True)
+        rows.append(record)
+    print()
+    print("| classes | batch | rate | head | impl | ms | cpu ms | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['classes']:,} | {r['batch']} | {r['rate']} | {r['head']} | {r['impl']} "
+                  f"| {r['error']} | | |")
+        else:
+            print(f"| {r['classes']:,} | {r['batch']} | {r['sample_rate']} | {r['head']} | "
+                  f"{r['impl']} | {r['ms']:.1f} | {r.get('cpu_ms', '')} | {r['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
