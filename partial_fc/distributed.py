@@ -100,7 +100,7 @@ class _AllGatherRows(torch.autograd.Function):
             offset += n
         if dist.get_backend(group) == dist.Backend.NCCL:
             mine = work.new_empty((longest, *work.shape[1:]))
-            dist.reduce_scatter_tensor(mine, stacked, group=group)
+            dist.reduce_scatter_tensor(mine, stacked.view(-1, *work.shape[1:]), group=group)
         else:
             dist.all_reduce(stacked, group=group)
             mine = stacked[rank]
