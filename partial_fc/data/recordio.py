@@ -21,6 +21,7 @@ import numbers
 import os
 import struct
 import threading
+from array import array
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
 
@@ -187,15 +188,19 @@ class _KeyIndex:
         self.ends = np.where(nxt < uniq.size, uniq[np.minimum(nxt, max(uniq.size - 1, 0))], file_size)
         # an .idx can point past the end of a truncated file: no record may end beyond it
         self.ends = np.minimum(self.ends, file_size).astype(np.int64, copy=False)
+        # array('q') gives Python ints about 3x faster than indexing numpy arrays
+        self.offset_at = array("q", self.offsets.astype(np.int64).tobytes())
+        self.end_at = array("q", self.ends.tobytes())
+        self.size = n
 
     def position(self, key) -> int:
         """Index of ``key`` in .idx order, or -1 when absent."""
-        if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        if type(key) is not int and (isinstance(key, bool) or not isinstance(key, numbers.Integral)):
             return -1
         k = int(key)
         if self._base is not None:
             i = k - self._base
-            return i if 0 <= i < self.keys.size else -1
+            return i if 0 <= i < self.size else -1
         j = int(np.searchsorted(self._sorted_keys, k))
         if j < self._sorted_keys.size and int(self._sorted_keys[j]) == k:
             return int(self._order[j])
@@ -350,10 +355,13 @@ class RecordIOReader:
 
     def read(self, key) -> bytes:
         """The data of record ``key`` (parts joined, magic words restored)."""
-        pos = self._position_or_raise(key)
-        offset = int(self._index.offsets[pos])
-        limit = int(self._index.ends[pos])
-        if self._mm is None or self._pid != os.getpid():
+        index = self._index
+        pos = index.position(key)
+        if pos < 0:
+            self._position_or_raise(key)
+        offset = index.offset_at[pos]
+        limit = index.end_at[pos]
+        if self._pid != os.getpid() or self._mm is None:
             self._ensure_open()
         mm = self._mm
         # Fast path: one whole frame (cflag 0) that fills the space up to the next record.

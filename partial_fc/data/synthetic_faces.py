@@ -325,6 +325,7 @@ def render_face(params: np.ndarray, rng: np.random.Generator, jitter: float = 1.
 
     # --- coarse layer (half resolution): background, head, hair
     half = SIZE // 2
+    # background: a ramp between two random colours, unrelated to the identity
     bg_a = rng.uniform(20, 235, size=3).astype(np.float32)
     bg_b = rng.uniform(20, 235, size=3).astype(np.float32)
     t = (_RAMP[:half] + 0.5) * np.float32(1.0 / half)
