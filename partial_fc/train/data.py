@@ -119,10 +119,18 @@ class BatchStream:
 # ----------------------------------------------------------------------------- datasets
 
 
+def _generator_fingerprint() -> bytes:
+    """The generator's own source, so a changed renderer never reuses a stale cached set."""
+    from ..data import synthetic, synthetic_faces
+
+    return b"".join(Path(m.__file__).read_bytes() for m in (synthetic, synthetic_faces))
+
+
 def synthetic_root(data_cfg) -> Path:
-    """The cache folder of a synthetic set: named by a hash of its generator parameters."""
+    """The cache folder of a synthetic set: named by a hash of its generator parameters and of the
+    generator's code."""
     params = {k: data_cfg.synthetic[k] for k in sorted(data_cfg.synthetic)}
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode() + _generator_fingerprint()).hexdigest()[:10]
     return Path(data_cfg.cache_dir).expanduser().resolve() / f"synthetic-{digest}"
 
 

@@ -1,0 +1,34 @@
+"""Training-data plumbing: deterministic flips, the synthetic cache key, val_bins resolution."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from partial_fc.train.data import flip_decision, resolve_val_bins, synthetic_root
+
+
+def test_flip_is_a_pure_function_of_seed_epoch_and_index():
+    flips = [flip_decision(0, 0, i) for i in range(2000)]
+    assert flips == [flip_decision(0, 0, i) for i in range(2000)]
+    assert 0.45 < sum(flips) / len(flips) < 0.55
+    assert flips != [flip_decision(0, 1, i) for i in range(2000)]  # another epoch, other flips
+    assert flips != [flip_decision(1, 0, i) for i in range(2000)]
+
+
+def test_synthetic_cache_key_follows_the_parameters(tmp_path):
+    cfg = OmegaConf.create({"cache_dir": str(tmp_path), "synthetic": {"num_identities": 10, "seed": 0}})
+    other = OmegaConf.create({"cache_dir": str(tmp_path), "synthetic": {"num_identities": 10, "seed": 1}})
+    assert synthetic_root(cfg) == synthetic_root(cfg)
+    assert synthetic_root(cfg) != synthetic_root(other)
+    assert synthetic_root(cfg).parent == tmp_path.resolve()
+
+
+def test_val_bins_resolve_names_and_paths(tmp_path):
+    (tmp_path / "lfw.bin").write_bytes(b"x")
+    elsewhere = tmp_path / "sub" / "agedb_30.bin"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    cfg = OmegaConf.create({"val_bins": ["lfw", str(elsewhere)]})
+    assert resolve_val_bins(cfg, tmp_path) == [(tmp_path / "lfw.bin").resolve(), elsewhere.resolve()]
+    with pytest.raises(FileNotFoundError, match="data.val_bins: 'cfp_fp' not found"):
+        resolve_val_bins(OmegaConf.create({"val_bins": ["cfp_fp"]}), tmp_path)
