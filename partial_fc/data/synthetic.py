@@ -131,8 +131,8 @@ def generate_synthetic(
     num_pairs: int = 1200,
     seed: int = 0,
     workers: Optional[int] = None,
-    jitter: float = 1.0,
-    family_spread: float = 0.35,
+    jitter: float = 0.5,
+    family_spread: float = 0.5,
     same_family_negatives: float = 0.8,
     progress: bool = True,
 ) -> Dict:
@@ -151,7 +151,10 @@ def generate_synthetic(
         seed: everything is a deterministic function of the arguments.
         workers: rendering processes (default: the CPUs available, at most 8).
         jitter: strength of the per-image variation (pose, light, expression, blur, noise,
-            occluders, JPEG quality); 0 renders clean frontal pictures.
+            occluders, JPEG quality); 0 renders clean frontal pictures. The default 0.5 with
+            family_spread 0.5 is tuned for the CPU demo (see bench/RESULTS.md): a tiny CNN
+            trained for 200 steps reaches about 0.78 held-out accuracy from about 0.67 at step 0;
+            jitter 1.0 with family_spread 0.35 is harder (about 0.61 after 200 steps).
         family_spread: how far family members lie apart, as a fraction of the population spread
             (small: near twins; 1: unrelated).
         same_family_negatives: fraction of negative pairs drawn within a family.

@@ -22,9 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=1200, help="verification pairs, half positive (default 1200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPUs, at most 8)")
-    p.add_argument("--jitter", type=float, default=1.0, help="strength of per-image variation (default 1.0)")
-    p.add_argument("--family-spread", type=float, default=0.35,
-                   help="distance between family members as a fraction of the population spread (default 0.35)")
+    p.add_argument("--jitter", type=float, default=0.5, help="strength of per-image variation (default 0.5)")
+    p.add_argument("--family-spread", type=float, default=0.5,
+                   help="distance between family members as a fraction of the population spread (default 0.5)")
     p.add_argument("--same-family-negatives", type=float, default=0.8,
                    help="fraction of negative pairs drawn within a family (default 0.8)")
     p.add_argument("--no-progress", action="store_true")

@@ -142,3 +142,18 @@ def test_image_folder_dataset(tmp_path):
     (root / "person_d").mkdir()
     with pytest.raises(LabelError, match="identity 3 .*has no images"):
         ImageFolderDataset(root)
+
+
+@pytest.mark.cuda
+def test_decode_image_cuda_matches_cpu(recordio_fixtures):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("torchvision")
+    from partial_fc.data import decode_image_cuda
+
+    ds = FaceRecordDataset(recordio_fixtures / "insightface")
+    payloads = [ds.read_record(i)[1] for i in range(4)]
+    for payload, gpu in zip(payloads, decode_image_cuda(payloads)):
+        cpu = torch.from_numpy(decode_image(payload)).permute(2, 0, 1)
+        assert gpu.shape == cpu.shape and gpu.device.type == "cuda"
+        assert (gpu.cpu().int() - cpu.int()).abs().float().mean() < 2.0  # IDCT rounding differs
