@@ -15,7 +15,7 @@ look-alikes of one family) and ``labels.json`` the identity of each of its image
   the file (millions of impostor pairs), so FAR 1e-4 and 1e-5 rest on hundreds of false accepts.
 
 Writes ``paper_compare.json`` (every number, per run and per head), ``table.md``, ``roc.png``,
-``roc_all_seeds.png`` and ``margin_vs_target_cos.png`` into ``--out`` and prints the per-head summary
+``roc_all_seeds.png``, ``margin_vs_target_cos.png`` and ``target_cos_over_training.png`` into ``--out`` and prints the per-head summary
 as JSON.
 """
 from __future__ import annotations
@@ -271,6 +271,40 @@ def plot_margins(snapshots: List[Dict], path: Path, m0: float, title: str) -> Pa
     return path
 
 
+def target_cos_curves(runs: List[Dict]) -> Dict[str, Dict[str, List[float]]]:
+    """Per head: the training batches' mean target cosine at each snapshot step, averaged over
+    the head's runs that have snapshots (how far training pulled samples to their centres)."""
+    per_head: Dict[str, Dict[int, List[float]]] = {}
+    for run in runs:
+        for snap in load_margin_snapshots(run["run_dir"]):
+            steps = per_head.setdefault(run["head"], {})
+            steps.setdefault(int(snap["step"]), []).append(float(np.mean(snap["target_cos"])))
+    return {head: {"step": sorted(steps), "mean_target_cos": [float(np.mean(steps[k]))
+                                                              for k in sorted(steps)]}
+            for head, steps in per_head.items()}
+
+
+def plot_target_cos(curves: Dict[str, Dict[str, List[float]]], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for head in sorted(curves, key=lambda h: HEAD_ORDER.index(h) if h in HEAD_ORDER else 99):
+        ax.plot(curves[head]["step"], curves[head]["mean_target_cos"], marker="o", ms=3,
+                label=HEAD_LABELS.get(head, head))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean target cosine c_y of the batch")
+    ax.set_title("How far each head pulls samples to their class centres")
+    ax.grid(True, linestyle=":", linewidth=0.5)
+    ax.legend(loc="best", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def _step_colors(n: int):
     from matplotlib import colormaps
 
@@ -349,13 +383,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             plot_margins(snaps, out / "margin_vs_target_cos.png", float(run["config"].head.m0),
                          f"NPCFace m_i vs c_y over training ({run['run_dir'].name})")
 
+    curves = target_cos_curves(runs)
+    if curves:
+        plot_target_cos(curves, out / "target_cos_over_training.png")
+
     example = results[0]["eval"]
     report = {"heldout": {"dir": str(heldout), "pairs": int(issame.size),
                           "images": int(images.shape[0]),
                           "gallery_images": min(args.gallery_images, int(images.shape[0])),
                           "genuine_pairs": example["genuine_pairs"],
                           "impostor_pairs": example["impostor_pairs"]},
-              "heads": heads, "margins": margins,
+              "heads": heads, "margins": margins, "target_cos_curves": curves,
               "runs": [{**r, "eval": {k: v for k, v in r["eval"].items() if k != "roc"}}
                        for r in results]}
     (out / "paper_compare.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -98,7 +98,8 @@ def test_report_end_to_end_on_fake_runs(tmp_path):
     assert result["heldout"]["genuine_pairs"] + result["heldout"]["impostor_pairs"] == 60 * 59 // 2
     assert set(result["heads"]) == {"npcface", "arcface"}
     assert result["heads"]["npcface"]["seeds"] == [0, 1]
-    for name in ("roc.png", "roc_all_seeds.png", "margin_vs_target_cos.png", "table.md"):
+    for name in ("roc.png", "roc_all_seeds.png", "margin_vs_target_cos.png", "table.md",
+                 "target_cos_over_training.png"):
         assert (out / name).stat().st_size > 0, name
     assert "| NPCFace | 2 |" in (out / "table.md").read_text()
     # The per-head numbers are the mean and sample std of the runs' own evaluations, and those
@@ -123,3 +124,8 @@ def test_report_end_to_end_on_fake_runs(tmp_path):
     assert entry["mean"] == pytest.approx(np.mean(accs))
     assert entry["std"] == pytest.approx(np.std(accs, ddof=1))
     assert len(result["margins"]["npcface-seed0"]) == 2
+    curve = result["target_cos_curves"]["npcface"]
+    assert curve["step"] == [1, 3]
+    first = [np.mean(np.load(runs / f"npcface-seed{s}" / "margins" / "step_0000001.npz")["target_cos"])
+             for s in (0, 1)]
+    assert curve["mean_target_cos"][0] == pytest.approx(np.mean(first))
