@@ -18,8 +18,13 @@ HEAD_KEYS = {
     "npcface": ("s", "m0", "m1", "t", "alpha", "hard_margin"),
     "arcface": ("s", "m"),
     "cosface": ("s", "m"),
+    "mvsoftmax": ("s", "m", "t", "arc", "fixed"),
+    "curricularface": ("s", "m", "momentum"),
 }
-HEAD_CLASSES = {"npcface": npc_head.NPCFace, "arcface": npc_head.ArcFace, "cosface": npc_head.CosFace}
+HEAD_CLASSES = {
+    "npcface": npc_head.NPCFace, "arcface": npc_head.ArcFace, "cosface": npc_head.CosFace,
+    "mvsoftmax": npc_head.MVSoftmax, "curricularface": npc_head.CurricularFace,
+}
 
 
 def build_head(head_cfg: DictConfig) -> nn.Module:
@@ -102,5 +107,6 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
         channels_last=bool(t.channels_last),
         progress_bar=bool(t.progress_bar),
         collective_timeout_s=float(t.collective_timeout_s),
+        dump_margins_every=int(t.get("dump_margins_every", 0) or 0),
         extra_manifest={"model": str(cfg.model.name), "head": str(cfg.head.name)},
     )

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 MODELS = ("r18", "r34", "r50", "r100", "r200", "mbf", "tiny")
-HEADS = ("npcface", "arcface", "cosface")
+HEADS = ("npcface", "arcface", "cosface", "mvsoftmax", "curricularface")
 OPTIMIZERS = ("sgd", "adamw")
 FORMATS = ("synthetic", "recordio", "folder")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -100,6 +100,9 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _require(cfg, f"trainer.{key}", _positive_int, "must be a positive integer")
     _require(cfg, "trainer.val_every", _non_negative_int, "must be an integer >= 0")
+    dump = OmegaConf.select(cfg, "trainer.dump_margins_every", default=0)
+    if dump is not None and not _non_negative_int(dump):
+        raise ConfigError(f"trainer.dump_margins_every must be an integer >= 0, got {dump!r}")
     _require(cfg, "trainer.collective_timeout_s", lambda v: _number(v) and v > 0, "must be > 0")
     clip = _get(cfg, "trainer.clip_grad_norm")
     if clip is not None and not (_number(clip) and clip > 0):

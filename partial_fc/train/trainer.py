@@ -49,6 +49,7 @@ class TrainSettings:
     channels_last: bool = False
     progress_bar: bool = True
     collective_timeout_s: Optional[float] = None  # only named in errors; the process group enforces it
+    dump_margins_every: int = 0  # >0: rank 0 writes the classifier's per-sample stats (see dump_margins)
     extra_manifest: Dict = field(default_factory=dict)
 
 
@@ -328,7 +329,23 @@ class Trainer:
             record["npc/margin_mean"] = float(stats["margin"].mean())
             record["npc/margin_std"] = float(stats["margin"].std()) if stats["margin"].numel() > 1 else 0.0
             record["npc/hard_negatives_mean"] = float(stats["hard_count"].mean())
+        if "t" in stats and stats["t"].numel():  # CurricularFace's running t
+            record["head/t"] = float(stats["t"][0])
         return record
+
+    def dump_margins(self) -> Optional[Path]:
+        """Write the last step's per-sample classifier statistics (``target_cos`` and, for
+        NPCFace, ``margin`` / ``hard_count``; the same global batch on every rank) to
+        ``run_dir/margins/step_XXXXXXX.npz``; rank 0 only. Returns the path written."""
+        stats = self.classifier.last_stats
+        if self.rank != 0 or not stats:
+            return None
+        folder = self.s.run_dir / "margins"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{self.step:07d}.npz"
+        arrays = {k: v.detach().cpu().double().numpy() for k, v in stats.items() if v.dim() == 1}
+        np.savez(path, step=np.int64(self.step), **arrays)
+        return path
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> Dict[str, float]:
@@ -407,6 +424,9 @@ class Trainer:
         while self.step < end:
             record = self.train_step()
             window_steps += 1
+            every = self.s.dump_margins_every
+            if every and (self.step == 1 or self.step % every == 0 or self.step == end):
+                self.dump_margins()
             if self.step % self.s.log_every == 0 or self.step == end:
                 elapsed = time.perf_counter() - window_start
                 global_samples = window_steps * self.batches.batch_size * self.world_size * self.s.grad_accum
