@@ -1,7 +1,6 @@
 """Run a function on N gloo ranks in fresh processes, with a hard timeout."""
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 import time

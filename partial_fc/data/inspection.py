@@ -9,7 +9,7 @@ import numpy as np
 
 from .datasets import FaceRecordDataset, _label_to_class, read_property
 from .image import ImageDecodeError, decode_image
-from .recordio import RecordIOError, RecordIOReader, unpack
+from .recordio import RecordIOError, unpack
 
 __all__ = ["inspect_dataset", "images_per_identity_histogram", "format_report"]
 

@@ -226,7 +226,7 @@ def pack_images(
         first_identity_key = n + 1
         tmp_rec, tmp_idx = rec_path.with_name(rec_path.name + ".tmp"), idx_path.with_name(idx_path.name + ".tmp")
         header = encode_record(pack(IRHeader(0, [first_identity_key, first_identity_key + num_classes], 0, 0), b""))
-        idx_lines = [f"0\t0\n"]
+        idx_lines = ["0\t0\n"]
         idx_lines.extend(f"{i + 1}\t{off + len(header)}\n" for i, off in enumerate(body_offsets))
         with open(tmp_rec, "wb") as rec:
             rec.write(header)

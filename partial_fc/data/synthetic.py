@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import pickle

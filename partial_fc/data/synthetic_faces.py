@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Dict, Sequence
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 __all__ = ["IDENTITY_PARAMS", "sample_identities", "render_face", "render_jpeg", "encode_jpeg", "jpeg_quality"]
 

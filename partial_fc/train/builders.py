@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
-
 import torch
 from omegaconf import DictConfig
 from torch import nn

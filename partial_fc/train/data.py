@@ -8,10 +8,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 

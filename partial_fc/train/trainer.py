@@ -5,7 +5,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field

@@ -1,7 +1,6 @@
 """pack / inspect / synthetic: library functions, CLIs and launch/ entry points."""
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import subprocess
@@ -11,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pfc_data_helpers import jpeg_bytes, make_identity_folder
+from pfc_data_helpers import make_identity_folder
 from partial_fc.data import FaceRecordDataset, LabelError, RecordIOReader, decode_image, generate_synthetic, unpack
-from partial_fc.data.inspection import inspect_dataset
 from partial_fc.data.packing import PackError, pack_dataset
 from partial_fc.tools import inspect as inspect_tool
 from partial_fc.tools import pack as pack_tool

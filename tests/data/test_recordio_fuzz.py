@@ -3,7 +3,6 @@ across a record's frame; framing damage raises RecordIOError naming the key and 
 damage surfaces as a bad sample that follows on_bad_image, and labels never shift."""
 from __future__ import annotations
 
-import shutil
 import struct
 import time
 

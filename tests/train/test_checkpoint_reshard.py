@@ -35,7 +35,7 @@ def test_rows_and_optimizer_state_reshard_exactly(tmp_path, old, new):
     C = 11
     full_w, full_m = _write(tmp_path, 5, old, C)
     path = ckpt.find_latest(tmp_path)
-    pieces_w, pieces_m = [], []
+    pieces_w = []
     for rank in range(new):
         state, same = ckpt.load_shard_rows(path, C, new, rank)
         assert same == (old == new)

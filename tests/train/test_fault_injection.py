@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from e2e import REPO, TINY_DATA, losses_by_step, metrics, run_train, train_command
 from partial_fc.train import checkpoint as ckpt

@@ -1,6 +1,4 @@
 """Training-data plumbing: deterministic flips, the synthetic cache key, val_bins resolution."""
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 

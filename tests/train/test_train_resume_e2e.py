@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from e2e import losses_by_step, metrics, run_train
 
