@@ -77,29 +77,32 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     return DistEnv()
 
 
-def rendezvous_store(env: DistEnv, timeout: timedelta, environ: Optional[Mapping[str, str]] = None):
-    """The key-value store the ranks meet in, with keys private to this (re)start of the job.
+def rendezvous_store(env: DistEnv, timeout: timedelta, namespace: str = "",
+                     environ: Optional[Mapping[str, str]] = None):
+    """The key-value store the ranks meet in, with keys private to this (re)start of this job.
 
-    Under torchrun the agent hosts the store and keeps it across restarts (``--max-restarts``);
-    without a per-attempt prefix, a restarted gloo group reads the dead round's peer addresses
-    and fails to connect (seen with torch 2.13). Elsewhere rank 0 hosts a fresh store.
+    Under torchrun the agent hosts the store and keeps it across restarts (``--max-restarts``)
+    and across the jobs of a Hydra multirun in one torchrun; without a prefix per attempt and per
+    job (``namespace``, e.g. the run directory), a new gloo group reads an earlier group's peer
+    addresses and fails to connect or hangs (seen with torch 2.13). Elsewhere rank 0 hosts the store.
     """
     environ = os.environ if environ is None else environ
     agent_hosts_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
                           is_master=not agent_hosts_store and env.rank == 0, timeout=timeout)
     attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"partial_fc/attempt_{attempt}", store)
+    return dist.PrefixStore(f"partial_fc/{namespace}/attempt_{attempt}", store)
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: float) -> None:
-    """Create the default process group (nccl on CUDA, gloo on CPU) with a collective timeout."""
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, namespace: str = "") -> None:
+    """Create the default process group (nccl on CUDA, gloo on CPU) with a collective timeout;
+    ``namespace`` keeps the store keys of different jobs in one launcher apart."""
     if not env.distributed or dist.is_initialized():
         return
     timeout = timedelta(seconds=float(timeout_s))
     kwargs = dict(
         backend="nccl" if device.type == "cuda" else "gloo",
-        store=rendezvous_store(env, timeout),
+        store=rendezvous_store(env, timeout, namespace),
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,

@@ -106,7 +106,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
     _setup_threads(cfg, env.local_world_size)
     data = prepare_data(cfg, is_local_main=env.local_rank == 0)
 
-    init_distributed(env, device, float(cfg.trainer.collective_timeout_s))
+    init_distributed(env, device, float(cfg.trainer.collective_timeout_s), namespace=str(run_dir))
     try:
         _setup_determinism(cfg, env.rank)
         if env.is_main:

@@ -22,6 +22,8 @@ TINY_DATA = [
 
 
 def train_command(nproc: int, overrides, max_restarts: int = 0):
+    flags = [a for a in overrides if a.startswith("-")]  # e.g. Hydra's -m goes before the overrides
+    overrides = flags + [a for a in overrides if not a.startswith("-")]
     if nproc == 0:
         return [sys.executable, str(REPO / "launch" / "train.py"), *overrides]
     return [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}",

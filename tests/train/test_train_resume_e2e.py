@@ -64,3 +64,13 @@ def test_stop_resume_equals_uninterrupted_and_reshards_to_three_ranks(tmp_path, 
     final = json.loads((c / "r" / "checkpoints" / "step_00000008" / "MANIFEST.json").read_text())
     assert final["world_size"] == 3 and final["step"] == 8
     assert sorted(losses_by_step(c / "r")) == [5, 6, 7, 8]
+
+
+def test_hydra_multirun_inside_one_torchrun(tmp_path, cache):
+    """Several jobs in one torchrun: each builds and tears down its own process group."""
+    run_train(2, ["-m", "head=npcface,arcface", "trainer.max_steps=2", "trainer.progress_bar=false",
+                  "data.val_bins=[]", f"output_root={tmp_path}"], cache, timeout=300)
+    sweep = tmp_path / "multirun" / "synthetic-tiny"
+    for job in ("0_npcface_seed0", "1_arcface_seed0"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["world_size"] == 2
