@@ -74,6 +74,27 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update the rows of this step (every row when all were sampled) and reset them."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} expects a dense gradient")
+                self._update(param, self._rows(param), group)
+        self._consumed()
+        return loss
+
+    def _update(self, param, rows: Optional[torch.Tensor], group: dict) -> None:
+        """Apply the rule to ``rows`` of ``param`` (None: every row)."""
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state, checking that every per-row tensor has this shard's row count."""
         rows = self.module.weight.shape[0]
@@ -110,25 +131,11 @@ class RowSparseSGD(RowSparseOptimizer):
                         weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(module, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} expects a dense gradient")
-                rows = self._rows(param)
-                if rows is None:
-                    self._dense_update(param, group)
-                else:
-                    self._row_update(param, rows, group)
-        self._consumed()
-        return loss
+    def _update(self, param, rows, group):
+        if rows is None:
+            self._dense_update(param, group)
+        else:
+            self._row_update(param, rows, group)
 
     def _dense_update(self, param, group):
         # The same operations, in the same order, as torch.optim.SGD's single-tensor path.
@@ -190,28 +197,14 @@ class RowSparseAdamW(RowSparseOptimizer):
         defaults = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
         super().__init__(module, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} expects a dense gradient")
-                rows = self._rows(param)
-                state = self._row_state(param)
-                if rows is None and bool((state["step"] == state["step"][0]).all()):
-                    self._uniform_update(param, state, group)
-                else:
-                    if rows is None:
-                        rows = torch.arange(param.shape[0], device=param.device)
-                    self._row_update(param, rows, state, group)
-        self._consumed()
-        return loss
+    def _update(self, param, rows, group):
+        state = self._row_state(param)
+        if rows is None and bool((state["step"] == state["step"][0]).all()):
+            self._uniform_update(param, state, group)
+        else:
+            if rows is None:
+                rows = torch.arange(param.shape[0], device=param.device)
+            self._row_update(param, rows, state, group)
 
     def _uniform_update(self, param, state, group):
         # Every row at the same step count: torch.optim.AdamW's single-tensor path, verbatim math.
