@@ -27,6 +27,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from npc_head.base import select_rows
+
 from .distributed import all_reduce
 from .margin_loss import LOW_PRECISION, compute_dtype, gather_target_cosines
 
@@ -197,7 +199,7 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             block_stats, logits = head.negative_stats_and_logits(cos, prep)
             if block_stats is not None:
                 if which.numel():
-                    own = head.negative_stats(target_vals[:, None], _select(prep, t_rows))
+                    own = head.negative_stats(target_vals[:, None], select_rows(prep, t_rows))
                     block_stats.index_add_(0, t_rows, own, alpha=-1)
                 stats = block_stats if stats is None else stats.add_(block_stats)
             logits[t_rows, t_cols] = -math.inf
@@ -215,7 +217,7 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             stats = all_reduce(stats, dist.ReduceOp.SUM, group)
 
         # 3. The positive logit joins; global max and sum-exp; the loss.
-        owned_prep = _select(prep, owned_rows)
+        owned_prep = select_rows(prep, owned_rows)
         owned_stats = stats[owned_rows] if stats is not None else None
         positive, positive_slope = _positive_and_slope(head, local_target, owned_prep, owned_stats)
         positive = positive.to(work) * head.scale
@@ -294,10 +296,6 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
         ctx.blocks = ctx.prep = None
         return grad_embeddings, grad_weight, None, None, None, None, None, None, None
-
-
-def _select(prep: Dict[str, torch.Tensor], rows: torch.Tensor) -> Dict[str, torch.Tensor]:
-    return {k: v[rows] for k, v in prep.items()}
 
 
 def chunked_margin_loss(

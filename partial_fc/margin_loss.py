@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from npc_head.base import select_rows
+
 from .distributed import all_reduce
 from .softmax import distributed_cross_entropy
 
@@ -67,7 +69,7 @@ def materialized_margin_loss(
         local_target, owned_rows, cos.shape[0], cos.dtype, cos.device, group
     )
     prep = head.prepare(target_cos)
-    owned_prep = {k: v[owned_rows] for k, v in prep.items()}
+    owned_prep = select_rows(prep, owned_rows)
     local_stats = head.negative_stats(cos, prep)
     target_stats = (
         head.negative_stats(local_target.detach()[:, None], owned_prep)
