@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed import all_gather_rows, gather_sizes
+from ..distributed import all_gather_rows
 from . import checkpoint as ckpt
 from .metrics_log import MetricLogger
 from .schedule import lr_factor
@@ -323,6 +323,13 @@ class Trainer:
                   "skipped_steps": self.skipped_steps}
         if self.scaler.is_enabled():
             record["amp_scale"] = float(self.scaler.get_scale())
+        return record
+
+    def classifier_record(self) -> Dict[str, float]:
+        """The head's per-step diagnostics of the last step (NPCFace margins, CurricularFace t).
+
+        Computed only when a record is logged: each value is a device-to-host copy."""
+        record = {}
         stats = self.classifier.last_stats
         if "margin" in stats:
             record["npc/margin_mean"] = float(stats["margin"].mean())
@@ -364,7 +371,7 @@ class Trainer:
                                   device=self.device, autocast_dtype=self.autocast_dtype)
             emb = torch.from_numpy(emb).to(self.device)
             if self.group is not None:
-                emb = all_gather_rows(emb, gather_sizes(emb.shape[0], emb.device, self.group), self.group)
+                emb = all_gather_rows(emb, group=self.group)
             metrics = evaluate_pairs(emb.cpu().numpy(), vset.issame)
             results[f"val/{vset.name}/acc"] = float(metrics["acc"])
             results[f"val/{vset.name}/std"] = float(metrics["std"])
@@ -431,6 +438,7 @@ class Trainer:
                 global_samples = window_steps * self.batches.batch_size * self.world_size * self.s.grad_accum
                 self.samples_per_sec = global_samples / max(elapsed, 1e-9)
                 record["samples_per_sec"] = self.samples_per_sec
+                record.update(self.classifier_record())
                 self._log(record)
                 if "margin" in self.classifier.last_stats:
                     self.logger.histogram(self.step, "npc/margin", self.classifier.last_stats["margin"])

@@ -238,7 +238,7 @@ def _checkpoint_worker(rank, world_size, root):
     assert float(resumed.classifier.head.t) == 0.0
     resumed.load_checkpoint(path)
     restored = resumed.classifier.head.t.clone()
-    record = resumed.train_step()
+    record = {**resumed.train_step(), **resumed.classifier_record()}
     return dict(saved=saved, t_after_two=first.classifier.head.t.clone(), restored=restored,
                 resumed_loss=record["loss"], resumed_t=resumed.classifier.head.t.clone(),
                 straight_loss=straight_losses[2], straight_t=straight.classifier.head.t.clone(),
