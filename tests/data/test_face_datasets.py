@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from partial_fc.data import (
     train_transform,
 )
 from partial_fc.data.image import decode_image_pil
-from partial_fc.data.transforms import eval_transform
+from partial_fc.data.transforms import eval_transform, flip_image, normalize_batch, normalize_image
 
 
 def _write_insightface(root, images, labels, ranges=None, num_classes=None):
@@ -88,6 +89,46 @@ def test_train_transform_values():
     flips = [bool((train_transform(rng=random.Random(s))(img) == always).all()) for s in range(200)]
     assert 60 < sum(flips) < 140  # about half
     np.testing.assert_array_equal(img, before)  # input untouched
+
+
+def test_batch_normalisation_equals_the_per_sample_transform():
+    """flip_image in the worker + normalize_batch on the device == normalize_image, bit for bit,
+    against a float64 reference; grayscale, read-only and tensor inputs; the input untouched."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(5, 9, 7, 3), dtype=np.uint8)
+    flips = [True, False, True, True, False]
+    ref = (images.astype(np.float64) - 127.5) / 128.0
+    ref = np.stack([r[:, ::-1] if f else r for r, f in zip(ref, flips)]).transpose(0, 3, 1, 2)
+    ref = ref.astype(np.float32)
+    before = images.copy()
+    batch = torch.stack([flip_image(img, f) for img, f in zip(images, flips)])
+    assert batch.dtype == torch.uint8 and batch.shape == (5, 9, 7, 3)
+    out = normalize_batch(batch)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), ref)
+    last = normalize_batch(batch, memory_format=torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(last.numpy(), ref)
+    per_sample = torch.stack([normalize_image(img, flip=f) for img, f in zip(images, flips)])
+    assert all(normalize_image(img, flip=f).is_contiguous() for img, f in zip(images, flips))
+    np.testing.assert_array_equal(per_sample.numpy(), ref)
+    np.testing.assert_array_equal(images, before)
+
+    read_only = images[0].copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on read-only arrays
+        np.testing.assert_array_equal(normalize_image(read_only, flip=True).numpy(), ref[0])
+        np.testing.assert_array_equal(flip_image(read_only, True).numpy(), images[0][:, ::-1])
+        np.testing.assert_array_equal(flip_image(read_only, False).numpy(), images[0])
+    np.testing.assert_array_equal(normalize_image(torch.from_numpy(images[0]), flip=True).numpy(), ref[0])
+    gray = images[0, :, :, 0]
+    assert flip_image(gray, True).shape == (9, 7, 3)
+    np.testing.assert_array_equal(normalize_image(gray).numpy()[2], (gray.astype(np.float32) - 127.5) / 128)
+    with pytest.raises(ValueError, match="uint8 NxHxWx3"):
+        normalize_batch(batch.float())
+    with pytest.raises(ValueError, match="HxWx3"):
+        normalize_image(np.zeros((4, 4, 4), np.uint8))
 
 
 def test_bad_image_raise_and_skip(tmp_path):
@@ -156,3 +197,13 @@ def test_decode_image_cuda_matches_cpu(recordio_fixtures):
         cpu = torch.from_numpy(decode_image(payload)).permute(2, 0, 1)
         assert gpu.shape == cpu.shape and gpu.device.type == "cuda"
         assert (gpu.cpu().int() - cpu.int()).abs().float().mean() < 2.0  # IDCT rounding differs
+
+
+@pytest.mark.cuda
+def test_normalize_batch_on_cuda_equals_cpu():
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, size=(4, 112, 112, 3), dtype=np.uint8))
+    cpu = normalize_batch(images)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        gpu = normalize_batch(images.cuda(), memory_format=memory_format)
+        assert gpu.device.type == "cuda" and gpu.is_contiguous(memory_format=memory_format)
+        assert torch.equal(gpu.cpu(), cpu)
