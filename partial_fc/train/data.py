@@ -32,22 +32,33 @@ def flip_decision(seed: int, epoch: int, index: int) -> bool:
 
 
 class AugmentedFaces(Dataset):
-    """``(epoch, index)`` -> (float32 3x112x112 tensor in [-1, 1), int64 label), random flip
-    decided by :func:`flip_decision`. ``base[index]`` yields (uint8 HxWx3 image, label)."""
+    """``(epoch, index)`` -> (image, int label), mirrored as :func:`flip_decision` says.
+    ``base[index]`` yields (uint8 HxWx3 image, label).
 
-    def __init__(self, base: Dataset, seed: int):
+    By default the image stays a uint8 HxWx3 tensor and the consumer normalises whole batches on
+    its device (:func:`partial_fc.data.transforms.normalize_batch`; the Trainer does): workers
+    then ship a quarter of the bytes, and a DataLoader's hand-over of a batch through shared
+    memory costs more per image than reading and decoding it (bench/RESULTS.md, "Data loader":
+    1.8x the images per worker). ``normalize=True`` yields the float32 3xHxW tensor
+    ``(x - 127.5) / 128`` instead (bit-identical after normalize_batch).
+    """
+
+    def __init__(self, base: Dataset, seed: int, normalize: bool = False):
         self.base = base
         self.seed = int(seed)
+        self.normalize = bool(normalize)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, key: Tuple[int, int]):
-        from ..data.transforms import normalize_image
+        from ..data.transforms import flip_image, normalize_image
 
         epoch, index = key
         image, label = self.base[index]
-        return normalize_image(image, flip=flip_decision(self.seed, epoch, index)), int(label)
+        flip = flip_decision(self.seed, epoch, index)
+        image = normalize_image(image, flip=flip) if self.normalize else flip_image(image, flip)
+        return image, int(label)
 
 
 class EpochTaggedSampler(Sampler):

@@ -75,6 +75,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, env: DistE
     group = dist.group.WORLD if env.distributed else None
     sampler = DistributedShardSampler(len(data.dataset), env.world_size, env.rank, shuffle=True,
                                       seed=int(cfg.trainer.seed), drop_last=bool(cfg.data.drop_last))
+    # Workers ship uint8 batches and the trainer normalises them on its device: a quarter of the
+    # bytes through shared and pinned memory (bench/RESULTS.md, "Data loader").
     batches = BatchStream(AugmentedFaces(data.dataset, int(cfg.trainer.seed)), sampler,
                           int(cfg.data.batch_size), int(cfg.data.num_workers),
                           pin_memory=device.type == "cuda")

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..data.transforms import normalize_batch
 from ..distributed import all_gather_rows
 from . import checkpoint as ckpt
 from .metrics_log import MetricLogger
@@ -115,7 +116,8 @@ class Trainer:
         backbone_optimizer / classifier_optimizer: their optimizers; every param group's
             ``initial_lr`` is the base LR the schedule scales.
         batches: a :class:`partial_fc.train.data.BatchStream` (``next()``, ``advance(n)``,
-            ``sampler``).
+            ``sampler``) of float32 Nx3xHxW images, or of uint8 NxHxWx3 images that the trainer
+            normalises on ``device``.
         val_sets: decoded verification sets (``partial_fc.eval.verification.VerificationSet``).
         save_backbone: writes the bare backbone to a path (for ``backbone.pt``).
     """
@@ -254,8 +256,11 @@ class Trainer:
     def _forward_backward(self, images, labels, scale: float, sync: bool) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        if self.s.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if self.s.channels_last else torch.contiguous_format
+        if images.dtype == torch.uint8:  # NxHxWx3 from workers that left normalising to us
+            images = normalize_batch(images, memory_format=memory_format)
+        elif self.s.channels_last:
+            images = images.contiguous(memory_format=memory_format)
         no_sync = getattr(self.model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:

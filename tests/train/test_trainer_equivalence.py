@@ -43,6 +43,26 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert accumulated.batches.sampler.position == whole.batches.sampler.position == 24
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_uint8_batches_normalised_by_the_trainer_train_identically(tmp_path, channels_last):
+    """The GPU path (workers ship uint8 NxHxWx3, the trainer normalises on its device) gives
+    bit-identical images, hence identical losses and weights, to normalising in the workers."""
+    conv = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 16))  # noqa: E731
+    results = []
+    for in_workers in (True, False):
+        torch.manual_seed(0)
+        trainer = make_trainer(tmp_path / str(in_workers), batch_size=8, backbone=conv(),
+                               normalize_in_workers=in_workers, channels_last=channels_last)
+        images, _ = trainer.batches.next()
+        assert images.dtype == (torch.float32 if in_workers else torch.uint8)
+        trainer.batches.close()
+        results.append(([trainer.train_step()["loss"] for _ in range(3)], parameters_of(trainer)))
+    (loss_a, pa), (loss_b, pb) = results
+    assert loss_a == loss_b
+    for x, y in zip(pa["backbone"] + [pa["classifier"]], pb["backbone"] + [pb["classifier"]]):
+        assert torch.equal(x, y)
+
+
 class NaNOnCall(nn.Module):
     """Wraps a backbone; its output on the given forward call is NaN."""
 

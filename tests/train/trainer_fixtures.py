@@ -43,7 +43,7 @@ def full_classifier_weight(seed=1):
 
 
 def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1, backbone=None,
-                 head=None, max_steps=10, group=None, **settings):
+                 head=None, max_steps=10, group=None, normalize_in_workers=False, **settings):
     backbone = backbone or linear_backbone()
     classifier = partial_fc.PartialFC(head or npc_head.NPCFace(s=16.0), DIM, NUM_CLASSES, process_group=group)
     with torch.no_grad():
@@ -53,7 +53,8 @@ def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1
     opt_c = build_classifier_optimizer(classifier, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     data = MemoryFaces()
     sampler = DistributedShardSampler(len(data), world_size, rank, shuffle=True, seed=3)
-    batches = BatchStream(AugmentedFaces(data, seed=3), sampler, batch_size, num_workers=0)
+    batches = BatchStream(AugmentedFaces(data, seed=3, normalize=normalize_in_workers), sampler, batch_size,
+                          num_workers=0)
     s = TrainSettings(run_dir=Path(run_dir), max_steps=max_steps, grad_accum=grad_accum,
                       progress_bar=False, log_every=1, checkpoint_every=1000, **settings)
     return Trainer(s, backbone, classifier, opt_b, opt_c, batches, torch.device("cpu"),
