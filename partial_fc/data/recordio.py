@@ -51,6 +51,23 @@ IR_SIZE = _IR_FORMAT.size
 PathLike = Union[str, os.PathLike]
 
 
+_forks_seen = [0]  # forks between the first reader's process and this one (see _watch_forks)
+_fork_hook = []
+
+
+def _count_fork():
+    _forks_seen[0] += 1
+
+
+def _watch_forks():
+    """Count forks with an ``os.register_at_fork`` hook (registered once, on first use), so a
+    reader notices it runs in a forked child by comparing one integer, not by an ``os.getpid()``
+    system call on every read."""
+    if not _fork_hook and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_count_fork)
+        _fork_hook.append(True)
+
+
 class RecordIOError(ValueError):
     """A RecordIO file (or its .idx) is malformed; the message names the file, key and offset."""
 
@@ -77,6 +94,9 @@ class IRHeader(NamedTuple):
     id2: int
 
 
+_new_tuple = tuple.__new__
+
+
 def pack(header, payload: bytes) -> bytes:
     """Serialise ``header`` and ``payload`` into record data, exactly as ``mxnet.recordio.pack``.
 
@@ -99,7 +119,8 @@ def unpack(record: bytes):
     """
     if len(record) < IR_SIZE:
         raise ValueError(f"record of {len(record)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
-    flag, label, id_, id2 = _IR_FORMAT.unpack_from(record, 0)
+    fields = _IR_FORMAT.unpack_from(record, 0)
+    flag = fields[0]
     if flag > 0:
         end = IR_SIZE + 4 * flag
         if end > len(record):
@@ -108,8 +129,9 @@ def unpack(record: bytes):
                 f"{len(record) - IR_SIZE} bytes after the header"
             )
         labels = np.frombuffer(record, dtype=np.float32, count=flag, offset=IR_SIZE).copy()
-        return IRHeader(flag, labels, id_, id2), bytes(record[end:])
-    return IRHeader(flag, label, id_, id2), bytes(record[IR_SIZE:])
+        return IRHeader(flag, labels, fields[2], fields[3]), bytes(record[end:])
+    # tuple.__new__ skips the namedtuple's Python-level constructor, half of unpack's time
+    return _new_tuple(IRHeader, fields), bytes(record[IR_SIZE:])
 
 
 def _align4(n: int) -> int:
@@ -238,9 +260,10 @@ class RecordIOReader:
             raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
         self.strict_framing = strict_framing
         self._file_size = self.rec_path.stat().st_size
+        _watch_forks()
         self._fd = None
         self._mm = None
-        self._pid = None
+        self._opened_at = None  # _forks_seen[0] when the file was opened (per process)
         self._lock = threading.Lock()
         if idx_path is None:
             default_idx = self.rec_path.with_suffix(".idx")
@@ -266,11 +289,11 @@ class RecordIOReader:
 
     # ------------------------------------------------------------------ file access
     def _ensure_open(self):
-        pid = os.getpid()
-        if self._pid == pid and (self._mm is not None or self._fd is not None):
+        forks = _forks_seen[0]
+        if self._opened_at == forks and (self._mm is not None or self._fd is not None):
             return
         with self._lock:
-            if self._pid == pid and (self._mm is not None or self._fd is not None):
+            if self._opened_at == forks and (self._mm is not None or self._fd is not None):
                 return
             fd = os.open(self.rec_path, os.O_RDONLY)
             mm = None
@@ -279,7 +302,7 @@ class RecordIOReader:
                     mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                 except (OSError, ValueError):
                     mm = None
-            self._fd, self._mm, self._pid = fd, mm, pid
+            self._fd, self._mm, self._opened_at = fd, mm, forks
 
     def _pread(self, offset: int, size: int) -> bytes:
         self._ensure_open()
@@ -292,9 +315,9 @@ class RecordIOReader:
         with self._lock:
             if self._mm is not None:
                 self._mm.close()
-            if self._fd is not None and self._pid == os.getpid():
+            if self._fd is not None and self._opened_at == _forks_seen[0]:
                 os.close(self._fd)
-            self._mm = self._fd = self._pid = None
+            self._mm = self._fd = self._opened_at = None
 
     def __enter__(self):
         return self
@@ -304,20 +327,21 @@ class RecordIOReader:
 
     def __del__(self):
         try:
-            if self._pid == os.getpid():
+            if self._opened_at == _forks_seen[0]:
                 self.close()
         except Exception:
             pass
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_fd"] = state["_mm"] = state["_pid"] = None
+        state["_fd"] = state["_mm"] = state["_opened_at"] = None
         state["_lock"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        _watch_forks()
 
     # ------------------------------------------------------------------ index
     @property
@@ -356,12 +380,16 @@ class RecordIOReader:
     def read(self, key) -> bytes:
         """The data of record ``key`` (parts joined, magic words restored)."""
         index = self._index
-        pos = index.position(key)
-        if pos < 0:
-            self._position_or_raise(key)
+        base = index._base
+        if base is not None and type(key) is int and 0 <= key - base < index.size:
+            pos = key - base  # dense keys: the common case, without a call
+        else:
+            pos = index.position(key)
+            if pos < 0:
+                self._position_or_raise(key)
         offset = index.offset_at[pos]
         limit = index.end_at[pos]
-        if self._pid != os.getpid() or self._mm is None:
+        if self._mm is None or self._opened_at != _forks_seen[0]:
             self._ensure_open()
         mm = self._mm
         # Fast path: one whole frame (cflag 0) that fills the space up to the next record.

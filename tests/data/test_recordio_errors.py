@@ -130,3 +130,37 @@ def test_reader_is_safe_after_pickle(recordio_fixtures):
     first = reader.read(3)
     clone = pickle.loads(pickle.dumps(reader))
     assert clone.read(3) == first and clone.keys == reader.keys
+
+
+def _read_all_in_child(reader, keys, queue):
+    try:
+        data = [reader.read(k) for k in keys]
+        queue.put((data, reader._fd))
+    except Exception as err:  # report instead of hanging the parent
+        queue.put(repr(err))
+
+
+def test_reader_reopens_in_forked_children_and_serves_threads(recordio_fixtures):
+    """A reader opened before a fork reopens its own file in the child (the fork is noticed without
+    a per-read getpid), and one reader serves many threads at once."""
+    import multiprocessing as mp
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = RecordIOReader(recordio_fixtures / "insightface" / "train.rec")
+    keys = list(reader.keys)
+    want = [reader.read(k) for k in keys]
+    parent_fd = reader._fd
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_all_in_child, args=(reader, keys, queue))
+    child.start()
+    result = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert not isinstance(result, str), result
+    data, child_fd = result
+    assert data == want and child_fd is not None and child_fd != parent_fd
+    assert reader.read(keys[3]) == want[3] and reader._fd == parent_fd  # the parent's file is untouched
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(reader.read, keys * 20))
+    assert got == want * 20
