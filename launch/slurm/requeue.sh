@@ -1,17 +1,22 @@
 # Requeue before the time limit; sourced by train.sbatch (and by tests/cluster).
 #
 # train.sbatch asks for `--signal=B:USR1@180`: 180 s before the time limit Slurm sends SIGUSR1 to
-# the batch shell only (B:), not to the training processes. The handler asks Slurm to put the job
-# back in the queue (`scontrol requeue`); Slurm then ends the running step and later starts this
-# script again under the same job id. The run directory is deterministic
-# (${output_root}/${run_name}) and torchrun_cmd.sh passes trainer.resume=auto, so the new start
-# continues from the newest complete checkpoint; work since that checkpoint is redone.
+# the batch shell only (B:), not to the training processes. The handler then asks the training to
+# checkpoint and stop: it creates the stop file PFC_STOP_FILE, which every rank looks for
+# (trainer.stop_file; at most every trainer.stop_poll_s seconds); the ranks agree on the step,
+# write its checkpoint, remove the file and exit. Once the step has ended, the job is put back in
+# the queue (`scontrol requeue`) and Slurm later starts this script again under the same job id.
+# The run directory is deterministic (${output_root}/${run_name}) and torchrun_cmd.sh passes
+# trainer.resume=auto, so the new start continues from that checkpoint: nothing is redone. If the
+# step has not ended PFC_STOP_GRACE seconds (default 150) after the signal, the job is requeued
+# anyway (Slurm then stops the step; work since the last checkpoint is redone). Without
+# PFC_STOP_FILE the job is requeued at once.
 #
 # Preemption: with PreemptMode=REQUEUE Slurm requeues a preempted `--requeue` job by itself (it
 # sends SIGTERM, waits GraceTime, kills, requeues). If the cluster sets
 # SlurmctldParameters=preempt_send_user_signal, the USR1 also arrives on preemption and this
-# handler's requeue is then redundant and harmless. SIGTERM is deliberately not trapped:
-# `scancel` sends it too, and a cancelled job must stay cancelled.
+# handler's stop request saves the work since the last checkpoint when GraceTime allows. SIGTERM is
+# deliberately not trapped: `scancel` sends it too, and a cancelled job must stay cancelled.
 #
 # bash runs a trap only between commands, never while a foreground command runs, so the step is
 # started in the background and the shell waits for it: `wait` returns early when a trapped signal
@@ -41,10 +46,52 @@ pfc_requeue() {
     fi
 }
 
-# Call pfc_requeue when the batch shell receives SIGUSR1.
+# SIGUSR1 asks the training to checkpoint and stop (pfc_request_stop); SIGUSR2 is the stop
+# request's deadline (sent by its watchdog). Call pfc_after_step when the step has ended.
 pfc_install_requeue_trap() {
     PFC_REQUEUED=0
-    trap 'pfc_requeue SIGUSR1' USR1
+    PFC_STOP_REQUESTED=0
+    PFC_STOP_WATCHDOG=
+    trap 'pfc_request_stop SIGUSR1' USR1
+    trap 'pfc_requeue "no checkpoint-and-stop within ${PFC_STOP_GRACE:-150} s"' USR2
+}
+
+# Create the stop file and start the deadline watchdog (once); without PFC_STOP_FILE, requeue now.
+pfc_request_stop() {
+    local reason="${1:-signal}"
+    if [[ -z "${PFC_STOP_FILE:-}" ]]; then
+        pfc_requeue "$reason"
+        return 0
+    fi
+    if (( PFC_STOP_REQUESTED )); then
+        return 0
+    fi
+    PFC_STOP_REQUESTED=1
+    local grace="${PFC_STOP_GRACE:-150}"
+    if ! { mkdir -p "$(dirname "$PFC_STOP_FILE")" && : > "$PFC_STOP_FILE"; }; then
+        echo "[pfc $(date '+%F %T')] $reason: cannot create the stop file $PFC_STOP_FILE" >&2
+        pfc_requeue "$reason"
+        return 0
+    fi
+    echo "[pfc $(date '+%F %T')] $reason: asked the training to checkpoint and stop ($PFC_STOP_FILE);" \
+         "requeueing when the step ends, or in $grace s" >&2
+    ( sleep "$grace" && kill -USR2 "$$" ) &
+    PFC_STOP_WATCHDOG=$!
+}
+
+# After the step: stop the watchdog, requeue if a stop was requested and no requeue happened yet,
+# and remove the stop file (a stop the training never saw must not stop the next start).
+pfc_after_step() {
+    if [[ -n "${PFC_STOP_WATCHDOG:-}" ]]; then
+        kill "$PFC_STOP_WATCHDOG" 2>/dev/null || true
+        PFC_STOP_WATCHDOG=
+    fi
+    if (( PFC_STOP_REQUESTED && ! PFC_REQUEUED )); then
+        pfc_requeue "the step ended after the stop request"
+    fi
+    if [[ -n "${PFC_STOP_FILE:-}" ]]; then
+        rm -f "$PFC_STOP_FILE"
+    fi
 }
 
 # Run "$@" in the background and wait for it while traps can fire; returns its exit status.

@@ -50,6 +50,11 @@ class TrainSettings:
     progress_bar: bool = True
     collective_timeout_s: Optional[float] = None  # only named in errors; the process group enforces it
     dump_margins_every: int = 0  # >0: rank 0 writes the classifier's per-sample stats (see dump_margins)
+    # A request to checkpoint and stop: when this file exists (for any rank), every rank ends the
+    # step it is in, writes a checkpoint, removes the file and returns (the run continues with
+    # resume=auto). None: <run_dir>/STOP. Each rank looks at most every stop_poll_s seconds.
+    stop_file: Optional[Path] = None
+    stop_poll_s: float = 5.0
     extra_manifest: Dict = field(default_factory=dict)
 
 
@@ -150,6 +155,10 @@ class Trainer:
         )
         self.logger: Optional[MetricLogger] = None
         self.phase = "start-up"  # what the loop is doing, named in collective-timeout errors
+        self.stop_file = Path(settings.stop_file) if settings.stop_file else Path(settings.run_dir) / "STOP"
+        self._stop_polled_at = float("-inf")
+        self.stop_requested = False  # agreed by all ranks at the end of each step
+        self.stopped_by_request = False
 
     # ------------------------------------------------------------------ set-up
     def _wrap_ddp(self, backbone: nn.Module) -> nn.Module:
@@ -275,18 +284,32 @@ class Trainer:
             self.scaler.scale(loss * scale).backward()
         return loss.detach()
 
-    def _grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of all gradients (backbone grads are already summed over ranks)."""
+    def _stop_file_seen(self) -> bool:
+        """Whether this rank sees the stop file (looked at most every ``stop_poll_s`` seconds: on
+        a shared file system a lookup can cost a millisecond)."""
+        now = time.monotonic()
+        if now - self._stop_polled_at < self.s.stop_poll_s:
+            return False
+        self._stop_polled_at = now
+        return self.stop_file.exists()
+
+    def _grad_norm(self, stop_vote: bool = False):
+        """(global L2 norm of all gradients, whether any rank votes to stop).
+
+        Backbone grads are already summed over ranks; the classifier's squared norm is summed by
+        an all-reduce, which also carries the stop votes, so every rank learns at the same step
+        that one of them saw the stop file, without a collective of its own."""
         def sq(params):
             grads = [p.grad.detach().float() for p in params if p.grad is not None]
             if not grads:
                 return torch.zeros((), device=self.device)
             return torch.stack([g.pow(2).sum() for g in grads]).sum()
 
-        local = sq(self.classifier.parameters())
+        local = torch.stack([sq(self.classifier.parameters()),
+                             torch.tensor(float(stop_vote), device=self.device)])
         if self.group is not None:
             dist.all_reduce(local, group=self.group)
-        return (sq(self.backbone.parameters()) + local).sqrt()
+        return (sq(self.backbone.parameters()) + local[0]).sqrt(), local[1]
 
     def train_step(self) -> Dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns its record."""
@@ -302,9 +325,10 @@ class Trainer:
             self.scaler.unscale_(opt)
         loss = torch.stack(losses).mean()
         self.phase = "gradient-norm all-reduce"
-        grad_norm = self._grad_norm()
+        grad_norm, stop_votes = self._grad_norm(self._stop_file_seen())
         self.phase = "optimizer step"
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        self.stop_requested = bool(stop_votes > 0)
         if finite:
             if self.s.clip_grad_norm is not None and float(grad_norm) > self.s.clip_grad_norm:
                 coef = self.s.clip_grad_norm / (float(grad_norm) + 1e-6)
@@ -456,9 +480,21 @@ class Trainer:
             paused = time.perf_counter()
             if self.val_sets and (at_end or (self.s.val_every and self.step % self.s.val_every == 0)):
                 self._log(self.validate())
-            if at_end or self.step % self.s.checkpoint_every == 0:
+            if at_end or self.step % self.s.checkpoint_every == 0 or self.stop_requested:
                 self.save_checkpoint()
             window_start += time.perf_counter() - paused  # samples/s counts training only
+            if self.stop_requested and not at_end:
+                self._stop_on_request()
+                return
+
+    def _stop_on_request(self) -> None:
+        """Every rank, after the checkpoint of this step: remove the stop file (it may be
+        node-local, so each rank looks) and leave the loop."""
+        self.stopped_by_request = True
+        self.stop_file.unlink(missing_ok=True)
+        if self.rank == 0:
+            log.info("stop requested (%s): checkpoint of step %d written; stopping. Run again with "
+                     "trainer.resume=auto to continue", self.stop_file, self.step)
 
     def _log(self, record: Dict[str, float]) -> None:
         if record:
@@ -471,6 +507,7 @@ class Trainer:
         vals = self.history.get("val", [])
         return {
             "steps": self.step,
+            "stopped_by_request": self.stopped_by_request,
             "skipped_steps": self.skipped_steps,
             "samples_per_sec": self.samples_per_sec,
             "val_first": vals[0] if vals else None,

@@ -74,18 +74,33 @@ def test_sbatch_asks_for_the_requeue_signal_and_one_agent_per_node():
 
 
 # ------------------------------------------------------------------ requeue.sh with real signals
+# A stand-in training step: it stops (status 0, "checkpointed") when the stop file appears, unless
+# it ignores it; otherwise it runs until `go` appears and exits 7.
 _STEP = """
 source {requeue}
 pfc_install_requeue_trap
-pfc_run_step bash -c 'touch {dir}/started; while [ ! -e {dir}/go ]; do sleep 0.05; done; exit 7'
-echo "step status $? requeued=$PFC_REQUEUED"
+pfc_run_step bash -c 'touch {dir}/started
+  while [ ! -e {dir}/go ]; do
+    if [ "{honour}" = 1 ] && [ -n "${{PFC_STOP_FILE:-}}" ] && [ -e "$PFC_STOP_FILE" ]; then
+      rm "$PFC_STOP_FILE"; echo "checkpointed and stopped"; exit 0
+    fi
+    sleep 0.05
+  done
+  exit 7'
+rc=$?
+pfc_after_step
+echo "step status $rc requeued=$PFC_REQUEUED"
 """
 
 
-def _run_step(tmp_path, send_usr1, **env_extra):
+def _run_step(tmp_path, send_usr1, honour_stop_file=True, stop_file=True, go_after_s=0.0, **env_extra):
     log = tmp_path / "scontrol.log"
-    env = launcher_env(dict(STANDIN_SCONTROL_LOG=str(log), SLURM_JOB_ID="4242", **env_extra))
-    run = ScriptRun(["bash", "-c", _STEP.format(requeue=REQUEUE, dir=tmp_path)], env, tmp_path)
+    env = dict(STANDIN_SCONTROL_LOG=str(log), SLURM_JOB_ID="4242", **env_extra)
+    if stop_file:
+        env["PFC_STOP_FILE"] = str(tmp_path / "stop" / "4242.0")
+    env = launcher_env(env)
+    script = _STEP.format(requeue=REQUEUE, dir=tmp_path, honour=int(honour_stop_file))
+    run = ScriptRun(["bash", "-c", script], env, tmp_path)
     try:
         deadline = time.monotonic() + 20
         while not (tmp_path / "started").exists() and time.monotonic() < deadline:
@@ -94,6 +109,7 @@ def _run_step(tmp_path, send_usr1, **env_extra):
         if send_usr1:
             run.signal(signal.SIGUSR1)
             assert run.wait_for("SIGUSR1", 10), run.tail()
+        time.sleep(go_after_s)
         (tmp_path / "go").touch()
         rc = run.finish(timeout=30)
     finally:
@@ -103,17 +119,36 @@ def _run_step(tmp_path, send_usr1, **env_extra):
     return run.output, calls
 
 
-def test_usr1_requeues_the_job_and_the_step_keeps_its_status(tmp_path):
-    output, calls = _run_step(tmp_path, send_usr1=True, SLURM_RESTART_COUNT="2")
+def test_usr1_asks_for_a_checkpoint_and_requeues_once_the_step_has_stopped(tmp_path):
+    output, calls = _run_step(tmp_path, send_usr1=True, go_after_s=3.0, SLURM_RESTART_COUNT="2")
     assert calls == ["requeue 4242"]
+    assert "asked the training to checkpoint and stop" in output
+    # the step saw the request and stopped by itself (before `go`), then the job was requeued
+    assert output.index("checkpointed and stopped") < output.index("requeueing job 4242")
+    assert "step status 0 requeued=1" in output and "restart 3 of at most 20" in output
+    assert not (tmp_path / "stop" / "4242.0").exists()
+
+
+def test_a_step_that_does_not_stop_is_requeued_after_the_grace_time(tmp_path):
+    output, calls = _run_step(tmp_path, send_usr1=True, honour_stop_file=False, go_after_s=4.0,
+                              PFC_STOP_GRACE="1")
+    assert calls == ["requeue 4242"]  # once, at the deadline, while the step still ran
+    assert "no checkpoint-and-stop within 1 s" in output
     assert "step status 7 requeued=1" in output  # the step ran on and its own status came back
-    assert "restart 3 of at most 20" in output
+    assert not (tmp_path / "stop" / "4242.0").exists()  # a request never seen does not linger
+
+
+def test_without_a_stop_file_usr1_requeues_at_once(tmp_path):
+    output, calls = _run_step(tmp_path, send_usr1=True, stop_file=False)
+    assert calls == ["requeue 4242"]
+    assert "step status 7 requeued=1" in output
 
 
 def test_no_requeue_past_the_limit(tmp_path):
-    output, calls = _run_step(tmp_path, send_usr1=True, SLURM_RESTART_COUNT="5", PFC_MAX_REQUEUES="5")
+    output, calls = _run_step(tmp_path, send_usr1=True, go_after_s=3.0, SLURM_RESTART_COUNT="5",
+                              PFC_MAX_REQUEUES="5")
     assert calls == []
-    assert "step status 7 requeued=0" in output and "not requeueing" in output
+    assert "step status 0 requeued=0" in output and "not requeueing" in output
 
 
 def test_no_signal_no_requeue(tmp_path):
@@ -122,10 +157,10 @@ def test_no_signal_no_requeue(tmp_path):
 
 
 # ------------------------------------------------------------------ two nodes, end to end
-def _tiny_run(tmp_path):
+def _tiny_run(tmp_path, steps):
     return [
         "data=synthetic", "model=tiny", "head=npcface", "trainer=cpu",
-        "trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.log_every=4",
+        f"trainer.max_steps={steps}", "trainer.checkpoint_every=20", "trainer.log_every=4",
         "trainer.val_every=0",
         "trainer.progress_bar=false", "trainer.threads=1", "trainer.collective_timeout_s=60",
         "data.synthetic.num_identities=40", "data.synthetic.images_per_identity=8",
@@ -142,30 +177,32 @@ def _metrics_records(run_dir: Path):
     return [(r["step"], "train" if "loss" in r else "val") for r in records]
 
 
-def _snapshot(folder: Path):
-    """{file name: (size, mtime_ns)} of a checkpoint folder."""
-    return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.glob("*"))}
-
-
 @pytest.mark.slow
 def test_sbatch_trains_on_two_nodes_and_a_requeued_job_resumes(tmp_path):
     """train.sbatch under stand-in srun: two torchrun agents (--nnodes=2 --nproc-per-node=1) meet
-    at a c10d rendezvous on 127.0.0.1 and train on CPU. The first start stops after step 4
-    (trainer.stop_at, as a preemption would) and gets the time-limit SIGUSR1 while it runs, which
-    requeues the job; the second start, same job id, resumes from the step-4 checkpoint and finishes."""
+    at a c10d rendezvous on 127.0.0.1 and train on CPU. While the first start trains, the batch
+    shell gets the time-limit SIGUSR1: it creates the stop file, both ranks stop at the same step
+    with its checkpoint, and the job is requeued once the step has ended; the second start, same
+    job id, resumes from that checkpoint and finishes without redoing a step."""
     port = free_port()
     scontrol_log = tmp_path / "scontrol.log"
+    stop_file = tmp_path / "stop" / "4242"
     env = launcher_env(dict(
         SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1",
         SLURM_SUBMIT_DIR=str(REPO), PFC_RDZV_PORT=str(port), PFC_NPROC_PER_NODE="1",
         PFC_JOIN_TIMEOUT="60", PFC_DATA_CACHE=str(tmp_path / "data"), OMP_NUM_THREADS="1",
-        STANDIN_SCONTROL_LOG=str(scontrol_log)))
+        STANDIN_SCONTROL_LOG=str(scontrol_log), PFC_STOP_FILE=str(stop_file)))
     run_dir = tmp_path / "outputs" / "two-nodes"
+    steps = 60
 
-    first = ScriptRun(["bash", str(SBATCH), *_tiny_run(tmp_path), "trainer.stop_at=4"], env, tmp_path)
+    first = ScriptRun(["bash", str(SBATCH), *_tiny_run(tmp_path, steps), "trainer.stop_poll_s=0"],
+                      env, tmp_path)
     try:
         assert first.wait_for("[srun stand-in] node 1/2", 30), first.tail()
-        first.signal(signal.SIGUSR1)  # the time-limit warning, while the step runs
+        deadline = time.monotonic() + 90  # training has begun once step 0's validation is logged
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.signal(signal.SIGUSR1)  # the time-limit warning, while the step trains
         rc = first.finish(timeout=120)
     finally:
         first.finish(timeout=0)
@@ -177,24 +214,28 @@ def test_sbatch_trains_on_two_nodes_and_a_requeued_job_resumes(tmp_path):
                          rf"--rdzv-conf=is_host={int(node == 0)},", out), out
     assert scontrol_log.read_text().splitlines() == ["show hostnames 127.0.0.1,127.0.0.1",
                                                      "requeue 4242"]
+    assert "the step ended after the stop request: requeueing job 4242" in out
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["world_size"] == 2
-    assert summary["launcher"] == "torchrun"
-    step4 = run_dir / "checkpoints" / "step_00000004"
-    written = _snapshot(step4)
-    assert written, f"no step-4 checkpoint in {run_dir / 'checkpoints'}"
+    assert summary["stopped_by_request"] and 1 <= summary["steps"] < steps, summary
+    assert summary["world_size"] == 2 and summary["launcher"] == "torchrun"
+    stopped_at = summary["steps"]
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
+    assert not stop_file.exists()
 
     env["SLURM_RESTART_COUNT"] = "1"
-    second = ScriptRun(["bash", str(SBATCH), *_tiny_run(tmp_path)], env, tmp_path)
+    second = ScriptRun(["bash", str(SBATCH), *_tiny_run(tmp_path, steps)], env, tmp_path)
     try:
         rc = second.finish(timeout=120)
     finally:
         second.finish(timeout=0)
     assert rc == 0, second.tail()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["world_size"] == 2
-    # Resumed, not restarted: steps 1-4 were not trained again (their checkpoint is untouched),
-    # and the log has one step-0 validation (a start from step 0 validates there again).
-    assert _snapshot(step4) == written
-    assert _metrics_records(run_dir) == [(0, "val"), (4, "train"), (4, "val"),
-                                         (8, "train"), (8, "val")]
+    assert summary["steps"] == steps and not summary["stopped_by_request"]
+    assert summary["world_size"] == 2
+    # Resumed, not restarted: one step-0 validation (a start from step 0 validates there again),
+    # and every logged training step appears once, in order.
+    records = _metrics_records(run_dir)
+    assert records.count((0, "val")) == 1 and records[-1] == (steps, "val")
+    trained = [step for step, kind in records if kind == "train"]
+    assert trained == sorted(set(trained)) and trained[-1] == steps
+    assert scontrol_log.read_text().count("requeue 4242") == 1  # no requeue without a signal

@@ -1,0 +1,78 @@
+"""trainer.stop_file: a file's appearance makes every rank end its step, checkpoint and stop,
+and the run continues with resume=auto exactly where an uninterrupted run would be."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_harness import run_workers
+from trainer_fixtures import linear_backbone, make_trainer, parameters_of
+
+MAX_STEPS = 7
+
+
+def touching_backbone(path, on_call):
+    """The fixtures' backbone (same weights, same state-dict keys); its ``on_call``-th forward
+    creates ``path``."""
+    backbone, calls = linear_backbone(), [0]
+
+    def hook(module, inputs):
+        calls[0] += 1
+        if calls[0] == on_call:
+            Path(path).touch()
+
+    backbone.register_forward_pre_hook(hook)
+    return backbone
+
+
+def _checkpoints(run_dir):
+    return sorted(p.name for p in (Path(run_dir) / "checkpoints").glob("step_*"))
+
+
+def test_stop_file_checkpoints_stops_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    whole = make_trainer(tmp_path / "whole", batch_size=8, max_steps=MAX_STEPS)
+    summary = whole.fit()
+    assert summary["steps"] == MAX_STEPS and not summary["stopped_by_request"]
+
+    run_dir = tmp_path / "stopped"
+    stop = run_dir / "STOP"  # the default place
+    first = make_trainer(run_dir, batch_size=8, max_steps=MAX_STEPS, stop_poll_s=0,
+                         backbone=touching_backbone(stop, on_call=3))
+    summary = first.fit()
+    assert summary["stopped_by_request"] and summary["steps"] == 3  # seen in step 3, stopped after it
+    assert _checkpoints(run_dir) == ["step_00000003"] and not stop.exists()
+
+    second = make_trainer(run_dir, batch_size=8, max_steps=MAX_STEPS, stop_poll_s=0)
+    summary = second.fit()
+    assert summary["steps"] == MAX_STEPS and not summary["stopped_by_request"]
+    got, want = parameters_of(second), parameters_of(whole)
+    for x, y in zip(got["backbone"] + [got["classifier"]], want["backbone"] + [want["classifier"]]):
+        assert torch.equal(x, y)
+
+
+def test_polling_interval_is_honoured(tmp_path):
+    stop = tmp_path / "request"
+    stop.touch()
+    trainer = make_trainer(tmp_path / "run", batch_size=8, max_steps=3, stop_file=stop, stop_poll_s=3600)
+    trainer._stop_polled_at = float("inf")  # as if it had just looked: the next look is an hour away
+    assert trainer.fit()["steps"] == 3 and stop.exists()
+    trainer = make_trainer(tmp_path / "run2", batch_size=8, max_steps=3, stop_file=stop, stop_poll_s=3600)
+    assert trainer.fit()["steps"] == 1 and not stop.exists()  # its first look comes at once
+
+
+def _rank_sees_its_own_file_worker(rank, world_size, root):
+    # A node-local stop file: only rank 1's file ever appears (on its forward call 2).
+    stop = Path(root) / f"stop-rank{rank}"
+    backbone = touching_backbone(stop, on_call=2) if rank == 1 else linear_backbone()
+    trainer = make_trainer(Path(root) / "run", rank, world_size, batch_size=4, max_steps=MAX_STEPS,
+                           group=dist.group.WORLD, backbone=backbone, stop_file=stop, stop_poll_s=0)
+    summary = trainer.fit()
+    return summary["steps"], summary["stopped_by_request"], stop.exists()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_one_rank_seeing_the_file_stops_every_rank_at_the_same_step(tmp_path, world_size):
+    results = run_workers(_rank_sees_its_own_file_worker, world_size, str(tmp_path))
+    assert results == [(2, True, False)] * world_size
+    assert _checkpoints(tmp_path / "run") == ["step_00000002"]
