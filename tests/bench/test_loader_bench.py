@@ -1,26 +1,13 @@
 """bench/loader.py runs end to end on a tiny set and prints the JSON it documents (no timings
 are asserted); its MXNet-style stand-in reads what our reader reads."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
+from bench_scripts import load_bench_script
 from partial_fc.data import RecordIOReader, unpack
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("loader_bench", REPO / "bench" / "loader.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("loader_bench", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench_script("loader")
 
 
 def test_loader_bench_prints_its_json(tmp_path, capsys):

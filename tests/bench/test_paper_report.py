@@ -1,7 +1,5 @@
 """bench/paper_report.py on a small held-out set and fake run folders holding real backbones."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,21 +8,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from bench_scripts import load_bench_script
 from partial_fc.eval import metrics
 from partial_fc.models import get_model, save_backbone
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_report():
-    spec = importlib.util.spec_from_file_location("paper_report", REPO / "bench" / "paper_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("paper_report", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load_report()
+report = load_bench_script("paper_report")
 
 
 def test_tar_from_roc_is_the_metrics_rule():
