@@ -108,5 +108,6 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
         dump_margins_every=int(t.get("dump_margins_every", 0) or 0),
         stop_file=Path(str(t.stop_file)).expanduser() if t.get("stop_file") else None,
         stop_poll_s=float(t.get("stop_poll_s", 5.0)),
+        stop_signal=str(t.stop_signal) if t.get("stop_signal") else None,
         extra_manifest={"model": str(cfg.model.name), "head": str(cfg.head.name)},
     )

@@ -6,6 +6,7 @@ instead of after minutes of cluster start-up.
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -107,6 +108,11 @@ def validate_config(cfg: DictConfig) -> None:
     poll = OmegaConf.select(cfg, "trainer.stop_poll_s", default=5.0)
     if not (_number(poll) and poll >= 0):
         raise ConfigError(f"trainer.stop_poll_s must be a number >= 0, got {poll!r}")
+    stop_signal = OmegaConf.select(cfg, "trainer.stop_signal", default=None)
+    catchable = sorted(s.name for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP))
+    if stop_signal is not None and stop_signal not in catchable:
+        raise ConfigError(f"trainer.stop_signal must be null or a signal name such as SIGUSR1, "
+                          f"got {stop_signal!r}")
     clip = _get(cfg, "trainer.clip_grad_norm")
     if clip is not None and not (_number(clip) and clip > 0):
         raise ConfigError(f"trainer.clip_grad_norm must be > 0 or null, got {clip!r}")

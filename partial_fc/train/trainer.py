@@ -6,6 +6,8 @@ import inspect
 import json
 import logging
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -55,6 +57,9 @@ class TrainSettings:
     # resume=auto). None: <run_dir>/STOP. Each rank looks at most every stop_poll_s seconds.
     stop_file: Optional[Path] = None
     stop_poll_s: float = 5.0
+    # A signal that, delivered to any rank, requests the same (e.g. Slurm's `--signal=USR1@180`
+    # sent to srun-launched ranks); None: no handler. Installed during fit() (main thread only).
+    stop_signal: Optional[str] = "SIGUSR1"
     extra_manifest: Dict = field(default_factory=dict)
 
 
@@ -157,6 +162,7 @@ class Trainer:
         self.phase = "start-up"  # what the loop is doing, named in collective-timeout errors
         self.stop_file = Path(settings.stop_file) if settings.stop_file else Path(settings.run_dir) / "STOP"
         self._stop_polled_at = float("-inf")
+        self._stop_signalled = False
         self.stop_requested = False  # agreed by all ranks at the end of each step
         self.stopped_by_request = False
 
@@ -284,9 +290,12 @@ class Trainer:
             self.scaler.scale(loss * scale).backward()
         return loss.detach()
 
-    def _stop_file_seen(self) -> bool:
-        """Whether this rank sees the stop file (looked at most every ``stop_poll_s`` seconds: on
-        a shared file system a lookup can cost a millisecond)."""
+    def _stop_vote(self) -> bool:
+        """Whether this rank asks to stop: it received the stop signal, or it sees the stop file
+        (looked at most every ``stop_poll_s`` seconds: on a shared file system a lookup can cost
+        a millisecond)."""
+        if self._stop_signalled:
+            return True
         now = time.monotonic()
         if now - self._stop_polled_at < self.s.stop_poll_s:
             return False
@@ -325,7 +334,7 @@ class Trainer:
             self.scaler.unscale_(opt)
         loss = torch.stack(losses).mean()
         self.phase = "gradient-norm all-reduce"
-        grad_norm, stop_votes = self._grad_norm(self._stop_file_seen())
+        grad_norm, stop_votes = self._grad_norm(self._stop_vote())
         self.phase = "optimizer step"
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         self.stop_requested = bool(stop_votes > 0)
@@ -424,6 +433,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
+        restore_signal = self._install_stop_signal()
         try:
             self._loop(end, bar)
         except Exception as err:
@@ -431,11 +441,24 @@ class Trainer:
                 raise self._timeout_error(err) from err
             raise
         finally:
+            restore_signal()
             if bar is not None:
                 bar.close()
             self.logger.close()
             self.batches.close()
         return self.summary()
+
+    def _install_stop_signal(self) -> Callable[[], None]:
+        """Make ``stop_signal`` a stop request for the duration of fit(); returns the undo."""
+        if not self.s.stop_signal or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        signum = signal.Signals[self.s.stop_signal]
+
+        def request_stop(received, frame):
+            self._stop_signalled = True  # acted on at the end of the step, by every rank
+
+        previous = signal.signal(signum, request_stop)
+        return lambda: signal.signal(signum, previous)
 
     def _timeout_error(self, err: BaseException) -> CollectiveTimeoutError:
         """Name the operation, this rank and, where gloo can tell, the ranks that did not answer."""
@@ -492,9 +515,11 @@ class Trainer:
         node-local, so each rank looks) and leave the loop."""
         self.stopped_by_request = True
         self.stop_file.unlink(missing_ok=True)
+        if self._stop_signalled:
+            log.info("rank %d received %s", self.rank, self.s.stop_signal)
         if self.rank == 0:
-            log.info("stop requested (%s): checkpoint of step %d written; stopping. Run again with "
-                     "trainer.resume=auto to continue", self.stop_file, self.step)
+            log.info("stop requested (%s or %s): checkpoint of step %d written; stopping. Run again "
+                     "with trainer.resume=auto to continue", self.stop_file, self.s.stop_signal, self.step)
 
     def _log(self, record: Dict[str, float]) -> None:
         if record:

@@ -94,6 +94,7 @@ def _run_launch(overrides, extra_env=None, timeout=60):
     ("data.batch_size=0", "data.batch_size"),
     ("model=r1000", "model"),
     ("trainer.stop_poll_s=-1", "trainer.stop_poll_s"),
+    ("trainer.stop_signal=SIGKILL", "trainer.stop_signal"),
 ])
 def test_config_errors_fail_before_any_process_group(tmp_path, override, key):
     # RANK/WORLD_SIZE say "rank 0 of 2" with nobody else coming: creating the process group would

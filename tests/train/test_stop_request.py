@@ -1,5 +1,7 @@
 """trainer.stop_file: a file's appearance makes every rank end its step, checkpoint and stop,
 and the run continues with resume=auto exactly where an uninterrupted run would be."""
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,39 @@ def test_one_rank_seeing_the_file_stops_every_rank_at_the_same_step(tmp_path, wo
     results = run_workers(_rank_sees_its_own_file_worker, world_size, str(tmp_path))
     assert results == [(2, True, False)] * world_size
     assert _checkpoints(tmp_path / "run") == ["step_00000002"]
+
+
+def signalling_backbone(on_call):
+    """The fixtures' backbone; its ``on_call``-th forward sends this process SIGUSR1 (a
+    scheduler's warning delivered to one rank)."""
+    backbone, calls = linear_backbone(), [0]
+
+    def hook(module, inputs):
+        calls[0] += 1
+        if calls[0] == on_call:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    backbone.register_forward_pre_hook(hook)
+    return backbone
+
+
+def test_the_stop_signal_requests_a_stop_and_its_handler_is_put_back(tmp_path):
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = make_trainer(tmp_path, batch_size=8, max_steps=MAX_STEPS, backbone=signalling_backbone(2))
+    summary = trainer.fit()
+    assert summary["stopped_by_request"] and summary["steps"] == 2
+    assert _checkpoints(tmp_path) == ["step_00000002"]
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _signalled_rank_worker(rank, world_size, root):
+    backbone = signalling_backbone(3) if rank == world_size - 1 else linear_backbone()
+    trainer = make_trainer(Path(root), rank, world_size, batch_size=4, max_steps=MAX_STEPS,
+                           group=dist.group.WORLD, backbone=backbone)
+    summary = trainer.fit()
+    return summary["steps"], summary["stopped_by_request"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
+    assert run_workers(_signalled_rank_worker, 2, str(tmp_path)) == [(3, True)] * 2
+    assert _checkpoints(tmp_path) == ["step_00000003"]
