@@ -77,10 +77,15 @@ def _label_to_class(label) -> Optional[int]:
 class _BadSamplePolicy:
     """Shared raise/skip handling. Subclasses implement ``_load(index)``."""
 
-    def _init_policy(self, on_bad_image: str):
+    def _init_policy(self, on_bad_image: str, image_size=None):
         if on_bad_image not in _BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be one of {_BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         self.on_bad_image = on_bad_image
+        if image_size is not None:
+            image_size = tuple(int(v) for v in image_size)
+            if len(image_size) != 2 or min(image_size) < 1:
+                raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+        self.required_size = image_size
         self.skipped = 0  # per process: each DataLoader worker counts its own
         self.skipped_indices: List[int] = []
 
@@ -109,6 +114,16 @@ class _BadSamplePolicy:
     def _load(self, index: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_size(self, image, where: str) -> None:
+        """A decoded image of another size than ``image_size`` is a bad sample (a batch cannot
+        hold it; the models take one size)."""
+        size = self.required_size
+        if size is not None and tuple(image.shape[:2]) != size:
+            raise BadSampleError(
+                f"{where}: image is {image.shape[0]}x{image.shape[1]}, expected {size[0]}x{size[1]} "
+                f"(resize when packing: pfc-pack --resize {size[0]})"
+            )
+
 
 class FaceRecordDataset(_BadSamplePolicy):
     """Images and labels from an MXNet RecordIO face dataset.
@@ -125,7 +140,8 @@ class FaceRecordDataset(_BadSamplePolicy):
 
     Without ``train.idx`` the index is built by one scan of the file (keys = record order, as
     MXNet writes them), and saved beside it with ``save_index=True``.
-    ``return_key=True`` makes items ``(image, label, key)``.
+    ``return_key=True`` makes items ``(image, label, key)``. With ``image_size=(h, w)`` a decoded
+    image of another size is a bad sample (``on_bad_image`` decides), named by key and offset.
     """
 
     def __init__(
@@ -139,8 +155,9 @@ class FaceRecordDataset(_BadSamplePolicy):
         return_key: bool = False,
         name: str = "train",
         save_index: bool = False,
+        image_size: Optional[Tuple[int, int]] = None,
     ):
-        self._init_policy(on_bad_image)
+        self._init_policy(on_bad_image, image_size)
         root = Path(root)
         if root.suffix == ".rec" and root.is_file():
             rec_path, root = root, root.parent
@@ -318,6 +335,7 @@ class FaceRecordDataset(_BadSamplePolicy):
             image = decode_image(payload)
         except ImageDecodeError as err:
             raise BadSampleError(self._where(key) + f": {err}") from None
+        self._check_size(image, self._where(key))
         if self.transform is not None:
             image = self.transform(image)
         return (image, label, key) if self.return_key else (image, label)
@@ -334,7 +352,8 @@ class ImageFolderDataset(_BadSamplePolicy):
 
     Identities are the sub-folders in sorted name order (class 0, 1, ...); images within an
     identity are sorted by file name. An identity folder without images raises LabelError.
-    ``return_key=True`` makes items ``(image, label, path)``.
+    ``return_key=True`` makes items ``(image, label, path)``. With ``image_size=(h, w)`` a decoded
+    image of another size is a bad sample (``on_bad_image`` decides), named by its path.
     """
 
     def __init__(
@@ -345,8 +364,9 @@ class ImageFolderDataset(_BadSamplePolicy):
         on_bad_image: str = "raise",
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         return_key: bool = False,
+        image_size: Optional[Tuple[int, int]] = None,
     ):
-        self._init_policy(on_bad_image)
+        self._init_policy(on_bad_image, image_size)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
@@ -375,6 +395,7 @@ class ImageFolderDataset(_BadSamplePolicy):
             image = decode_image(path.read_bytes())
         except ImageDecodeError as err:
             raise BadSampleError(f"{path}: {err}") from None
+        self._check_size(image, str(path))
         if self.transform is not None:
             image = self.transform(image)
         return (image, label, str(path)) if self.return_key else (image, label)

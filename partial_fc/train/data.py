@@ -185,13 +185,17 @@ def dataset_root(data_cfg, is_local_main: bool) -> Path:
     return root
 
 
+TRAIN_IMAGE_SIZE = (112, 112)  # the aligned face crop every backbone here takes
+
+
 def open_dataset(data_cfg, root: Path):
-    """The raw (uint8 image, label) dataset the config describes."""
+    """The raw (uint8 image, label) dataset the config describes; an image that is not
+    112x112 is a bad sample (``data.on_bad_image``), named by its file or key."""
     from ..data import FaceRecordDataset, ImageFolderDataset
 
     if data_cfg.format == "folder":
-        return ImageFolderDataset(root, on_bad_image=data_cfg.on_bad_image)
-    return FaceRecordDataset(root, on_bad_image=data_cfg.on_bad_image)
+        return ImageFolderDataset(root, on_bad_image=data_cfg.on_bad_image, image_size=TRAIN_IMAGE_SIZE)
+    return FaceRecordDataset(root, on_bad_image=data_cfg.on_bad_image, image_size=TRAIN_IMAGE_SIZE)
 
 
 def check_num_classes(data_cfg, dataset) -> int:

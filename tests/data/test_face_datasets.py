@@ -146,6 +146,28 @@ def test_bad_image_raise_and_skip(tmp_path):
     assert skip.skipped == 2 and skip.skipped_indices == [2, 2]
 
 
+def test_an_image_of_another_size_is_a_bad_sample_named_by_key_or_path(tmp_path):
+    imgs = _images(4)
+    size = decode_image(imgs[0]).shape[:2]
+    other = np.zeros((size[0] + 8, size[1], 3), np.uint8)
+    imgs[1] = jpeg_bytes(other)
+    root = _write_insightface(tmp_path / "ds", imgs, [0, 0, 1, 1])
+    assert FaceRecordDataset(root)[1][0].shape[:2] == other.shape[:2]  # no size asked: no check
+    strict = FaceRecordDataset(root, image_size=size)
+    with pytest.raises(BadSampleError, match=rf"train\.rec: key 2: offset \d+: image is {size[0] + 8}x"
+                                             rf"{size[1]}, expected {size[0]}x{size[1]}"):
+        strict[1]
+    skip = FaceRecordDataset(root, image_size=size, on_bad_image="skip", return_key=True)
+    assert skip[1][1:] == (1, 3) and skip.skipped == 1  # the next usable sample, its own label
+    folder = make_identity_folder(tmp_path / "faces", num_ids=2, per_id=(2,), size=(40, 32))
+    odd = folder / "person_b" / "img_01.jpg"
+    odd.write_bytes(jpeg_bytes(np.zeros((30, 40, 3), np.uint8)))
+    with pytest.raises(BadSampleError, match=rf"{odd}: image is 30x40, expected 32x40"):
+        ImageFolderDataset(folder, image_size=(32, 40))[3]
+    with pytest.raises(ValueError, match="image_size"):
+        ImageFolderDataset(folder, image_size=(32,))
+
+
 def test_label_checks(tmp_path):
     imgs = _images(4)
     # a label outside num_classes
