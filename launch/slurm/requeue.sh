@@ -4,19 +4,20 @@
 # the batch shell only (B:), not to the training processes. The handler then asks the training to
 # checkpoint and stop: it creates the stop file PFC_STOP_FILE, which every rank looks for
 # (trainer.stop_file; at most every trainer.stop_poll_s seconds); the ranks agree on the step,
-# write its checkpoint, remove the file and exit. Once the step has ended, the job is put back in
-# the queue (`scontrol requeue`) and Slurm later starts this script again under the same job id.
+# write its checkpoint, remove the file, leave "<stop file>.stopped" and exit. Once the step has
+# ended that way (or failed), the job is put back in the queue (`scontrol requeue`) and Slurm later
+# starts this script again under the same job id; a run that finished meanwhile is not requeued.
 # The run directory is deterministic (${output_root}/${run_name}) and torchrun_cmd.sh passes
 # trainer.resume=auto, so the new start continues from that checkpoint: nothing is redone. If the
 # step has not ended PFC_STOP_GRACE seconds (default 150) after the signal, the job is requeued
 # anyway (Slurm then stops the step; work since the last checkpoint is redone). Without
 # PFC_STOP_FILE the job is requeued at once.
 #
-# Preemption: with PreemptMode=REQUEUE Slurm requeues a preempted `--requeue` job by itself (it
-# sends SIGTERM, waits GraceTime, kills, requeues). If the cluster sets
-# SlurmctldParameters=preempt_send_user_signal, the USR1 also arrives on preemption and this
-# handler's stop request saves the work since the last checkpoint when GraceTime allows. SIGTERM is
-# deliberately not trapped: `scancel` sends it too, and a cancelled job must stay cancelled.
+# Preemption: with PreemptMode=REQUEUE Slurm requeues a preempted `--requeue` job by itself. It
+# sends SIGTERM (and SIGCONT) to every process of the job when the partition's GraceTime starts,
+# and SIGKILL when it ends; nothing here traps SIGTERM (`scancel` sends it too, and a cancelled job
+# must stay cancelled), so torchrun and the ranks end at once and work since the last checkpoint is
+# redone after the requeue: keep trainer.checkpoint_every short on preemptible partitions.
 #
 # bash runs a trap only between commands, never while a foreground command runs, so the step is
 # started in the background and the shell waits for it: `wait` returns early when a trapped signal
@@ -75,22 +76,34 @@ pfc_request_stop() {
     fi
     echo "[pfc $(date '+%F %T')] $reason: asked the training to checkpoint and stop ($PFC_STOP_FILE);" \
          "requeueing when the step ends, or in $grace s" >&2
-    ( sleep "$grace" && kill -USR2 "$$" ) &
+    # The watchdog: a TERM ends its sleep too (no orphan keeps this script's output open).
+    ( trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+      sleep "$grace" & sleeper=$!
+      wait "$sleeper" && kill -USR2 "$$" ) &
     PFC_STOP_WATCHDOG=$!
 }
 
-# After the step: stop the watchdog, requeue if a stop was requested and no requeue happened yet,
-# and remove the stop file (a stop the training never saw must not stop the next start).
+# After the step ($1: its exit status): stop the watchdog; after a stop request requeue when the
+# training stopped unfinished (it leaves "<stop file>.stopped") or the step failed, not when it
+# simply finished; remove the stop file (a request never seen must not stop the next start).
 pfc_after_step() {
+    local rc="${1:-0}"
     if [[ -n "${PFC_STOP_WATCHDOG:-}" ]]; then
         kill "$PFC_STOP_WATCHDOG" 2>/dev/null || true
+        wait "$PFC_STOP_WATCHDOG" 2>/dev/null || true
         PFC_STOP_WATCHDOG=
     fi
     if (( PFC_STOP_REQUESTED && ! PFC_REQUEUED )); then
-        pfc_requeue "the step ended after the stop request"
+        if [[ -e "$PFC_STOP_FILE.stopped" ]]; then
+            pfc_requeue "the training stopped at the checkpoint of step $(head -c 20 "$PFC_STOP_FILE.stopped" | tr -d '\n')"
+        elif (( rc != 0 )); then
+            pfc_requeue "the step ended with status $rc after the stop request"
+        else
+            echo "[pfc $(date '+%F %T')] the training finished before it acted on the stop request; not requeueing" >&2
+        fi
     fi
     if [[ -n "${PFC_STOP_FILE:-}" ]]; then
-        rm -f "$PFC_STOP_FILE"
+        rm -f "$PFC_STOP_FILE" "$PFC_STOP_FILE.stopped"
     fi
 }
 

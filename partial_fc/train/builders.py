@@ -10,6 +10,7 @@ import npc_head
 
 from ..optim import build_classifier_optimizer
 from ..partial_fc import PartialFC
+from .stop import StopRequest
 from .trainer import TrainSettings
 
 HEAD_KEYS = {
@@ -111,3 +112,10 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
         stop_signal=str(t.stop_signal) if t.get("stop_signal") else None,
         extra_manifest={"model": str(cfg.model.name), "head": str(cfg.head.name)},
     )
+
+
+def build_stop_request(cfg: DictConfig, run_dir: Path) -> StopRequest:
+    """The run's stop request: ``trainer.stop_file`` (default ``<run_dir>/STOP``), polled every
+    ``trainer.stop_poll_s``, and ``trainer.stop_signal``."""
+    s = build_settings(cfg, run_dir)
+    return StopRequest(s.stop_file or Path(run_dir) / "STOP", s.stop_poll_s, s.stop_signal)

@@ -63,7 +63,7 @@ def prepare_data(cfg: DictConfig, is_local_main: bool) -> PreparedData:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, env: DistEnv,
-                  device: torch.device):
+                  device: torch.device, stop_request=None):
     """Every training object, built from the config (the process group must exist already)."""
     from ..data import DistributedShardSampler
     from ..eval.verification import load_verification_set
@@ -93,7 +93,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, env: DistE
 
     trainer = Trainer(builders.build_settings(cfg, run_dir), backbone, classifier, opt_b, opt_c,
                       batches, device, val_sets=val_sets, save_backbone=write_backbone,
-                      group=group, rank=env.rank, world_size=env.world_size)
+                      group=group, rank=env.rank, world_size=env.world_size, stop_request=stop_request)
     if cfg.trainer.compile:
         trainer.model = torch.compile(trainer.model)
     return trainer
@@ -104,23 +104,32 @@ def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
     validate_config(cfg)  # before any process group, file or download
     env = detect_env()
     _setup_logging(env.rank)
-    device = select_device(str(cfg.trainer.device), env)
-    _setup_threads(cfg, env.local_world_size)
-    data = prepare_data(cfg, is_local_main=env.local_rank == 0)
+    # From here on the stop signal is a stop request (acted on at the first step), not the end of
+    # the process: a scheduler's warning may arrive while the data is prepared or the ranks meet.
+    from . import builders
 
-    init_distributed(env, device, float(cfg.trainer.collective_timeout_s), namespace=str(run_dir))
+    stop_request = builders.build_stop_request(cfg, run_dir)
+    restore_signal = stop_request.install()
     try:
-        _setup_determinism(cfg, env.rank)
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        trainer = build_trainer(cfg, run_dir, data, env, device)
-        summary = trainer.fit()
-        summary.update(world_size=env.world_size, launcher=env.launcher, device=str(device),
-                       num_classes=data.num_classes, dataset=str(data.root))
-        if env.is_main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
+        device = select_device(str(cfg.trainer.device), env)
+        _setup_threads(cfg, env.local_world_size)
+        data = prepare_data(cfg, is_local_main=env.local_rank == 0)
+
+        init_distributed(env, device, float(cfg.trainer.collective_timeout_s), namespace=str(run_dir))
+        try:
+            _setup_determinism(cfg, env.rank)
+            if env.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            trainer = build_trainer(cfg, run_dir, data, env, device, stop_request)
+            summary = trainer.fit()
+            summary.update(world_size=env.world_size, launcher=env.launcher, device=str(device),
+                           num_classes=data.num_classes, dataset=str(data.root))
+            if env.is_main:
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            return summary
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        restore_signal()

@@ -6,8 +6,6 @@ import inspect
 import json
 import logging
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,6 +22,7 @@ from ..distributed import all_gather_rows
 from . import checkpoint as ckpt
 from .metrics_log import MetricLogger
 from .schedule import lr_factor
+from .stop import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +51,12 @@ class TrainSettings:
     progress_bar: bool = True
     collective_timeout_s: Optional[float] = None  # only named in errors; the process group enforces it
     dump_margins_every: int = 0  # >0: rank 0 writes the classifier's per-sample stats (see dump_margins)
-    # A request to checkpoint and stop: when this file exists (for any rank), every rank ends the
-    # step it is in, writes a checkpoint, removes the file and returns (the run continues with
-    # resume=auto). None: <run_dir>/STOP. Each rank looks at most every stop_poll_s seconds.
+    # A request to checkpoint and stop (partial_fc.train.stop): when this file exists for any rank,
+    # or a rank receives stop_signal, every rank ends the step it is in, writes a checkpoint and
+    # returns (the run continues with resume=auto). stop_file None: <run_dir>/STOP, looked for at
+    # most every stop_poll_s seconds; stop_signal None: no handler.
     stop_file: Optional[Path] = None
     stop_poll_s: float = 5.0
-    # A signal that, delivered to any rank, requests the same (e.g. Slurm's `--signal=USR1@180`
-    # sent to srun-launched ranks); None: no handler. Installed during fit() (main thread only).
     stop_signal: Optional[str] = "SIGUSR1"
     extra_manifest: Dict = field(default_factory=dict)
 
@@ -135,7 +133,8 @@ class Trainer:
     def __init__(self, settings: TrainSettings, backbone: nn.Module, classifier: nn.Module,
                  backbone_optimizer, classifier_optimizer, batches, device: torch.device,
                  val_sets: Sequence = (), save_backbone: Optional[Callable] = None,
-                 group=None, rank: int = 0, world_size: int = 1):
+                 group=None, rank: int = 0, world_size: int = 1,
+                 stop_request: Optional[StopRequest] = None):
         self.s = settings
         self.device = device
         self.rank, self.world_size = rank, world_size
@@ -160,9 +159,8 @@ class Trainer:
         )
         self.logger: Optional[MetricLogger] = None
         self.phase = "start-up"  # what the loop is doing, named in collective-timeout errors
-        self.stop_file = Path(settings.stop_file) if settings.stop_file else Path(settings.run_dir) / "STOP"
-        self._stop_polled_at = float("-inf")
-        self._stop_signalled = False
+        self.stop = stop_request or StopRequest(
+            settings.stop_file or Path(settings.run_dir) / "STOP", settings.stop_poll_s, settings.stop_signal)
         self.stop_requested = False  # agreed by all ranks at the end of each step
         self.stopped_by_request = False
 
@@ -290,18 +288,6 @@ class Trainer:
             self.scaler.scale(loss * scale).backward()
         return loss.detach()
 
-    def _stop_vote(self) -> bool:
-        """Whether this rank asks to stop: it received the stop signal, or it sees the stop file
-        (looked at most every ``stop_poll_s`` seconds: on a shared file system a lookup can cost
-        a millisecond)."""
-        if self._stop_signalled:
-            return True
-        now = time.monotonic()
-        if now - self._stop_polled_at < self.s.stop_poll_s:
-            return False
-        self._stop_polled_at = now
-        return self.stop_file.exists()
-
     def _grad_norm(self, stop_vote: bool = False):
         """(global L2 norm of all gradients, whether any rank votes to stop).
 
@@ -334,7 +320,7 @@ class Trainer:
             self.scaler.unscale_(opt)
         loss = torch.stack(losses).mean()
         self.phase = "gradient-norm all-reduce"
-        grad_norm, stop_votes = self._grad_norm(self._stop_vote())
+        grad_norm, stop_votes = self._grad_norm(self.stop.vote())
         self.phase = "optimizer step"
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         self.stop_requested = bool(stop_votes > 0)
@@ -426,6 +412,7 @@ class Trainer:
         path = ckpt.resolve_resume(self.s.run_dir / "checkpoints", self.s.resume)
         if path is not None:
             self.load_checkpoint(path)
+        self.stop.discard_stale(path)
         end = self.s.stop_at if self.s.stop_at is not None else self.s.max_steps
         self.logger = MetricLogger(self.s.run_dir, enabled=self.rank == 0, resume_step=self.step)
         bar = None
@@ -433,7 +420,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
-        restore_signal = self._install_stop_signal()
+        restore_signal = self.stop.install()  # a no-op when run_training installed it already
         try:
             self._loop(end, bar)
         except Exception as err:
@@ -447,18 +434,6 @@ class Trainer:
             self.logger.close()
             self.batches.close()
         return self.summary()
-
-    def _install_stop_signal(self) -> Callable[[], None]:
-        """Make ``stop_signal`` a stop request for the duration of fit(); returns the undo."""
-        if not self.s.stop_signal or threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        signum = signal.Signals[self.s.stop_signal]
-
-        def request_stop(received, frame):
-            self._stop_signalled = True  # acted on at the end of the step, by every rank
-
-        previous = signal.signal(signum, request_stop)
-        return lambda: signal.signal(signum, previous)
 
     def _timeout_error(self, err: BaseException) -> CollectiveTimeoutError:
         """Name the operation, this rank and, where gloo can tell, the ranks that did not answer."""
@@ -506,20 +481,15 @@ class Trainer:
             if at_end or self.step % self.s.checkpoint_every == 0 or self.stop_requested:
                 self.save_checkpoint()
             window_start += time.perf_counter() - paused  # samples/s counts training only
-            if self.stop_requested and not at_end:
-                self._stop_on_request()
-                return
-
-    def _stop_on_request(self) -> None:
-        """Every rank, after the checkpoint of this step: remove the stop file (it may be
-        node-local, so each rank looks) and leave the loop."""
-        self.stopped_by_request = True
-        self.stop_file.unlink(missing_ok=True)
-        if self._stop_signalled:
-            log.info("rank %d received %s", self.rank, self.s.stop_signal)
-        if self.rank == 0:
-            log.info("stop requested (%s or %s): checkpoint of step %d written; stopping. Run again "
-                     "with trainer.resume=auto to continue", self.stop_file, self.s.stop_signal, self.step)
+            if self.stop_requested:  # the checkpoint of this step is written
+                self.stop.acknowledge(self.step, unfinished=not at_end)
+                if not at_end:
+                    self.stopped_by_request = True
+                    if self.rank == 0:
+                        log.info("stop requested (%s or %s): checkpoint of step %d written; stopping. "
+                                 "Run again with trainer.resume=auto to continue", self.stop.path,
+                                 self.stop.signal_name, self.step)
+                    return
 
     def _log(self, record: Dict[str, float]) -> None:
         if record:

@@ -74,32 +74,34 @@ def test_sbatch_asks_for_the_requeue_signal_and_one_agent_per_node():
 
 
 # ------------------------------------------------------------------ requeue.sh with real signals
-# A stand-in training step: it stops (status 0, "checkpointed") when the stop file appears, unless
-# it ignores it; otherwise it runs until `go` appears and exits 7.
+# A stand-in training step: when the stop file appears it "checkpoints" (leaves the marker) and
+# stops with status 0, unless it ignores the file; otherwise it runs until `go` appears and exits
+# with {status}.
 _STEP = """
 source {requeue}
 pfc_install_requeue_trap
 pfc_run_step bash -c 'touch {dir}/started
   while [ ! -e {dir}/go ]; do
     if [ "{honour}" = 1 ] && [ -n "${{PFC_STOP_FILE:-}}" ] && [ -e "$PFC_STOP_FILE" ]; then
-      rm "$PFC_STOP_FILE"; echo "checkpointed and stopped"; exit 0
+      rm "$PFC_STOP_FILE"; echo 3 > "$PFC_STOP_FILE.stopped"; echo "checkpointed and stopped"; exit 0
     fi
     sleep 0.05
   done
-  exit 7'
+  exit {status}'
 rc=$?
-pfc_after_step
+pfc_after_step "$rc"
 echo "step status $rc requeued=$PFC_REQUEUED"
 """
 
 
-def _run_step(tmp_path, send_usr1, honour_stop_file=True, stop_file=True, go_after_s=0.0, **env_extra):
+def _run_step(tmp_path, send_usr1, honour_stop_file=True, stop_file=True, go_after_s=0.0, status=7,
+              **env_extra):
     log = tmp_path / "scontrol.log"
     env = dict(STANDIN_SCONTROL_LOG=str(log), SLURM_JOB_ID="4242", **env_extra)
     if stop_file:
         env["PFC_STOP_FILE"] = str(tmp_path / "stop" / "4242.0")
     env = launcher_env(env)
-    script = _STEP.format(requeue=REQUEUE, dir=tmp_path, honour=int(honour_stop_file))
+    script = _STEP.format(requeue=REQUEUE, dir=tmp_path, honour=int(honour_stop_file), status=status)
     run = ScriptRun(["bash", "-c", script], env, tmp_path)
     try:
         deadline = time.monotonic() + 20
@@ -119,14 +121,32 @@ def _run_step(tmp_path, send_usr1, honour_stop_file=True, stop_file=True, go_aft
     return run.output, calls
 
 
+def _sleeping(seconds):
+    """PIDs of `sleep <seconds>` processes (the watchdog's, with a grace nobody else uses)."""
+    out = subprocess.run(["pgrep", "-f", f"^sleep {seconds}$"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
 def test_usr1_asks_for_a_checkpoint_and_requeues_once_the_step_has_stopped(tmp_path):
-    output, calls = _run_step(tmp_path, send_usr1=True, go_after_s=3.0, SLURM_RESTART_COUNT="2")
+    output, calls = _run_step(tmp_path, send_usr1=True, go_after_s=3.0, SLURM_RESTART_COUNT="2",
+                              PFC_STOP_GRACE="97")
     assert calls == ["requeue 4242"]
     assert "asked the training to checkpoint and stop" in output
     # the step saw the request and stopped by itself (before `go`), then the job was requeued
     assert output.index("checkpointed and stopped") < output.index("requeueing job 4242")
+    assert "stopped at the checkpoint of step 3" in output
     assert "step status 0 requeued=1" in output and "restart 3 of at most 20" in output
     assert not (tmp_path / "stop" / "4242.0").exists()
+    assert not (tmp_path / "stop" / "4242.0.stopped").exists()
+    assert _sleeping(97) == []  # the watchdog went with its sleep
+
+
+def test_a_run_that_finishes_after_usr1_is_not_requeued(tmp_path):
+    output, calls = _run_step(tmp_path, send_usr1=True, honour_stop_file=False, go_after_s=1.0,
+                              status=0)
+    assert calls == []
+    assert "finished before it acted on the stop request; not requeueing" in output
+    assert "step status 0 requeued=0" in output
 
 
 def test_a_step_that_does_not_stop_is_requeued_after_the_grace_time(tmp_path):
@@ -214,13 +234,14 @@ def test_sbatch_trains_on_two_nodes_and_a_requeued_job_resumes(tmp_path):
                          rf"--rdzv-conf=is_host={int(node == 0)},", out), out
     assert scontrol_log.read_text().splitlines() == ["show hostnames 127.0.0.1,127.0.0.1",
                                                      "requeue 4242"]
-    assert "the step ended after the stop request: requeueing job 4242" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_by_request"] and 1 <= summary["steps"] < steps, summary
+    assert (f"the training stopped at the checkpoint of step {summary['steps']}: requeueing job 4242"
+            in out), out
     assert summary["world_size"] == 2 and summary["launcher"] == "torchrun"
     stopped_at = summary["steps"]
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}").is_dir()
-    assert not stop_file.exists()
+    assert not stop_file.exists() and not stop_file.with_name("4242.stopped").exists()
 
     env["SLURM_RESTART_COUNT"] = "1"
     second = ScriptRun(["bash", str(SBATCH), *_tiny_run(tmp_path, steps)], env, tmp_path)

@@ -1,5 +1,6 @@
 """trainer.stop_file: a file's appearance makes every rank end its step, checkpoint and stop,
 and the run continues with resume=auto exactly where an uninterrupted run would be."""
+import errno
 import os
 import signal
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch.distributed as dist
 
 from dist_harness import run_workers
 from trainer_fixtures import linear_backbone, make_trainer, parameters_of
+
+from partial_fc.train.stop import StopRequest
 
 MAX_STEPS = 7
 
@@ -44,6 +47,7 @@ def test_stop_file_checkpoints_stops_and_the_resumed_run_matches_an_uninterrupte
     summary = first.fit()
     assert summary["stopped_by_request"] and summary["steps"] == 3  # seen in step 3, stopped after it
     assert _checkpoints(run_dir) == ["step_00000003"] and not stop.exists()
+    assert (run_dir / "STOP.stopped").read_text() == "3\n"  # tells a batch script: unfinished
 
     second = make_trainer(run_dir, batch_size=8, max_steps=MAX_STEPS, stop_poll_s=0)
     summary = second.fit()
@@ -57,7 +61,7 @@ def test_polling_interval_is_honoured(tmp_path):
     stop = tmp_path / "request"
     stop.touch()
     trainer = make_trainer(tmp_path / "run", batch_size=8, max_steps=3, stop_file=stop, stop_poll_s=3600)
-    trainer._stop_polled_at = float("inf")  # as if it had just looked: the next look is an hour away
+    trainer.stop._polled_at = float("inf")  # as if it had just looked: the next look is an hour away
     assert trainer.fit()["steps"] == 3 and stop.exists()
     trainer = make_trainer(tmp_path / "run2", batch_size=8, max_steps=3, stop_file=stop, stop_poll_s=3600)
     assert trainer.fit()["steps"] == 1 and not stop.exists()  # its first look comes at once
@@ -114,3 +118,57 @@ def _signalled_rank_worker(rank, world_size, root):
 def test_a_signal_to_one_rank_stops_every_rank(tmp_path):
     assert run_workers(_signalled_rank_worker, 2, str(tmp_path)) == [(3, True)] * 2
     assert _checkpoints(tmp_path) == ["step_00000003"]
+
+
+def test_a_request_on_the_last_step_is_cleared_and_the_run_counts_as_finished(tmp_path):
+    stop = tmp_path / "STOP"
+    trainer = make_trainer(tmp_path, batch_size=8, max_steps=3, stop_poll_s=0,
+                           backbone=touching_backbone(stop, on_call=3))
+    summary = trainer.fit()
+    assert summary["steps"] == 3 and not summary["stopped_by_request"]
+    assert not stop.exists() and not (tmp_path / "STOP.stopped").exists()
+
+
+def test_a_stop_file_older_than_the_resumed_checkpoint_is_left_over_and_ignored(tmp_path):
+    first = make_trainer(tmp_path, batch_size=8, max_steps=MAX_STEPS, stop_at=2)
+    first.fit()
+    stop = tmp_path / "STOP"
+    stop.touch()
+    old = (tmp_path / "checkpoints" / "step_00000002").stat().st_mtime - 60
+    os.utime(stop, (old, old))  # created before the checkpoint it asked for
+    second = make_trainer(tmp_path, batch_size=8, max_steps=MAX_STEPS, stop_poll_s=0)
+    assert second.fit()["steps"] == MAX_STEPS and not stop.exists()
+    third_dir = tmp_path / "fresh"  # a file newer than anything resumed is a request
+    (third_dir).mkdir()
+    (third_dir / "STOP").touch()
+    third = make_trainer(third_dir, batch_size=8, max_steps=MAX_STEPS, stop_poll_s=0)
+    assert third.fit()["steps"] == 1
+
+
+class _UnreachablePath(type(Path())):
+    """A stop-file path whose lookup fails like a stale NFS handle."""
+
+    def exists(self, *args, **kwargs):
+        raise OSError(errno.ESTALE, "Stale file handle")
+
+
+def test_a_failing_stop_file_lookup_does_not_end_the_run(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, batch_size=8, max_steps=3, stop_poll_s=0)
+    trainer.stop.path = _UnreachablePath(tmp_path / "STOP")
+    with caplog.at_level("WARNING"):
+        assert trainer.fit()["steps"] == 3
+    assert "cannot look for the stop file" in caplog.text and "Stale file handle" in caplog.text
+
+
+def test_a_signal_before_training_starts_is_kept_for_the_first_step(tmp_path):
+    request = StopRequest(tmp_path / "STOP", poll_s=0, signal_name="SIGUSR1")
+    before = signal.getsignal(signal.SIGUSR1)
+    restore = request.install()  # as run_training does, before data preparation and rendezvous
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end the process without the handler
+        trainer = make_trainer(tmp_path, batch_size=8, max_steps=MAX_STEPS, stop_request=request)
+        assert trainer.fit()["steps"] == 1
+        assert signal.getsignal(signal.SIGUSR1) is not before  # fit() leaves the caller's handler
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGUSR1) is before

@@ -43,7 +43,8 @@ def full_classifier_weight(seed=1):
 
 
 def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1, backbone=None,
-                 head=None, max_steps=10, group=None, normalize_in_workers=False, **settings):
+                 head=None, max_steps=10, group=None, normalize_in_workers=False, stop_request=None,
+                 **settings):
     backbone = backbone or linear_backbone()
     classifier = partial_fc.PartialFC(head or npc_head.NPCFace(s=16.0), DIM, NUM_CLASSES, process_group=group)
     with torch.no_grad():
@@ -58,7 +59,7 @@ def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1
     s = TrainSettings(run_dir=Path(run_dir), max_steps=max_steps, grad_accum=grad_accum,
                       progress_bar=False, log_every=1, checkpoint_every=1000, **settings)
     return Trainer(s, backbone, classifier, opt_b, opt_c, batches, torch.device("cpu"),
-                   group=group, rank=rank, world_size=world_size)
+                   group=group, rank=rank, world_size=world_size, stop_request=stop_request)
 
 
 def parameters_of(trainer):
