@@ -63,6 +63,21 @@ def test_uint8_batches_normalised_by_the_trainer_train_identically(tmp_path, cha
         assert torch.equal(x, y)
 
 
+@pytest.mark.cuda
+def test_uint8_batches_through_pinned_memory_train_like_float_batches_on_cuda(tmp_path):
+    """The GPU path end to end: pinned uint8 batches, a non-blocking copy, normalize_batch on the
+    device; the same losses and weights as float batches normalised in the workers."""
+    results = []
+    for in_workers in (True, False):
+        trainer = make_trainer(tmp_path / str(in_workers), batch_size=8, device="cuda",
+                               normalize_in_workers=in_workers)
+        results.append(([trainer.train_step()["loss"] for _ in range(3)], parameters_of(trainer)))
+    (loss_a, pa), (loss_b, pb) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for x, y in zip(pa["backbone"] + [pa["classifier"]], pb["backbone"] + [pb["classifier"]]):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
 class NaNOnCall(nn.Module):
     """Wraps a backbone; its output on the given forward call is NaN."""
 

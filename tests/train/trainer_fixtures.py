@@ -44,9 +44,11 @@ def full_classifier_weight(seed=1):
 
 def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1, backbone=None,
                  head=None, max_steps=10, group=None, normalize_in_workers=False, stop_request=None,
-                 **settings):
-    backbone = backbone or linear_backbone()
-    classifier = partial_fc.PartialFC(head or npc_head.NPCFace(s=16.0), DIM, NUM_CLASSES, process_group=group)
+                 device="cpu", **settings):
+    device = torch.device(device)
+    backbone = (backbone or linear_backbone()).to(device)
+    classifier = partial_fc.PartialFC(head or npc_head.NPCFace(s=16.0), DIM, NUM_CLASSES,
+                                      process_group=group).to(device)
     with torch.no_grad():
         start, count = partial_fc.shard_range(NUM_CLASSES, world_size, rank)
         classifier.weight.copy_(full_classifier_weight()[start:start + count])
@@ -55,10 +57,10 @@ def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1
     data = MemoryFaces()
     sampler = DistributedShardSampler(len(data), world_size, rank, shuffle=True, seed=3)
     batches = BatchStream(AugmentedFaces(data, seed=3, normalize=normalize_in_workers), sampler, batch_size,
-                          num_workers=0)
+                          num_workers=0, pin_memory=device.type == "cuda")
     s = TrainSettings(run_dir=Path(run_dir), max_steps=max_steps, grad_accum=grad_accum,
                       progress_bar=False, log_every=1, checkpoint_every=1000, **settings)
-    return Trainer(s, backbone, classifier, opt_b, opt_c, batches, torch.device("cpu"),
+    return Trainer(s, backbone, classifier, opt_b, opt_c, batches, device,
                    group=group, rank=rank, world_size=world_size, stop_request=stop_request)
 
 
