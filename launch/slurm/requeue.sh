@@ -15,9 +15,10 @@
 #
 # Preemption: with PreemptMode=REQUEUE Slurm requeues a preempted `--requeue` job by itself. It
 # sends SIGTERM (and SIGCONT) to every process of the job when the partition's GraceTime starts,
-# and SIGKILL when it ends; nothing here traps SIGTERM (`scancel` sends it too, and a cancelled job
-# must stay cancelled), so torchrun and the ranks end at once and work since the last checkpoint is
-# redone after the requeue: keep trainer.checkpoint_every short on preemptible partitions.
+# and SIGKILL when it ends. This shell does not trap SIGTERM (`scancel` sends it too, and a
+# cancelled job must stay cancelled); the ranks checkpoint on it only with
+# trainer.stop_signal=SIGTERM (launch/slurm/README.md), otherwise the work since the last
+# checkpoint is redone after the requeue.
 #
 # bash runs a trap only between commands, never while a foreground command runs, so the step is
 # started in the background and the shell waits for it: `wait` returns early when a trapped signal
