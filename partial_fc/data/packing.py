@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import multiprocessing as mp
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 
 from .datasets import IMAGE_EXTENSIONS, LabelError
 from .image import ImageDecodeError, decode_image
+from .parallel import imap_ordered
 from .recordio import IRHeader, encode_record, pack
 
 __all__ = ["PackError", "list_image_folder", "read_list_file", "pack_images", "pack_dataset"]
@@ -169,13 +169,7 @@ def pack_images(
         from tqdm import tqdm
 
         bar = tqdm(total=len(tasks), desc=f"packing {out.name}", unit="img", leave=False)
-    pool = None
-    if workers > 1:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        pool = ctx.Pool(workers)
-        results = pool.imap(_load_image, tasks, chunksize=16)
-    else:
-        results = map(_load_image, tasks)
+    results = imap_ordered(_load_image, tasks, workers, chunksize=16)
 
     rec_path, idx_path = out / f"{prefix}.rec", out / f"{prefix}.idx"
     body_path = out / f".{prefix}.body.tmp"
@@ -212,9 +206,7 @@ def pack_images(
         body_path.unlink(missing_ok=True)
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results.close()  # ends the worker pool
         if bar is not None:
             bar.close()
 

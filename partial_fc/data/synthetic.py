@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
 import pickle
 import time
@@ -20,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .parallel import imap_ordered
 from .recordio import IRHeader, RecordIOWriter, pack
 from .synthetic_faces import SIZE, render_jpeg, sample_identities
 
@@ -101,22 +101,14 @@ def _render_iter(jobs, jitter, workers, desc, progress, chunk=32):
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
-    pool = None
-    if workers <= 1:
-        results = map(_render_chunk, tasks)
-    else:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        pool = ctx.Pool(workers)
-        results = pool.imap(_render_chunk, tasks)
+    results = imap_ordered(_render_chunk, tasks, workers)
     try:
         for batch in results:
             yield from batch
             if bar is not None:
                 bar.update(len(batch))
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results.close()  # ends the worker pool
         if bar is not None:
             bar.close()
 

@@ -12,6 +12,8 @@ from typing import Iterator, List, Optional, Tuple
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.transforms import flip_image, normalize_image
+
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
@@ -52,8 +54,6 @@ class AugmentedFaces(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: Tuple[int, int]):
-        from ..data.transforms import flip_image, normalize_image
-
         epoch, index = key
         image, label = self.base[index]
         flip = flip_decision(self.seed, epoch, index)

@@ -300,8 +300,9 @@ class Trainer:
                 return torch.zeros((), device=self.device)
             return torch.stack([g.pow(2).sum() for g in grads]).sum()
 
-        local = torch.stack([sq(self.classifier.parameters()),
-                             torch.tensor(float(stop_vote), device=self.device)])
+        classifier_sq = sq(self.classifier.parameters())
+        # new_full fills on the device: a host-to-device copy of the vote would sync every step
+        local = torch.stack([classifier_sq, classifier_sq.new_full((), float(stop_vote))])
         if self.group is not None:
             dist.all_reduce(local, group=self.group)
         return (sq(self.backbone.parameters()) + local[0]).sqrt(), local[1]
