@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -49,8 +50,15 @@ class StopRequest:
                 or threading.current_thread() is not threading.main_thread()):
             return lambda: None
         signum = signal.Signals[self.signal_name]
+        owner = os.getpid()
 
         def on_signal(received, frame):
+            if os.getpid() != owner:
+                # A forked child (a DataLoader or pool worker) inherited the handler: the signal
+                # keeps its default meaning there, or Pool.terminate()'s SIGTERM would never end it.
+                signal.signal(received, signal.SIG_DFL)
+                os.kill(os.getpid(), received)
+                return
             self.signalled = True  # acted on at the end of the current step
 
         previous = signal.signal(signum, on_signal)

@@ -3,6 +3,7 @@ and the run continues with resume=auto exactly where an uninterrupted run would 
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,28 @@ def test_a_signal_before_training_starts_is_kept_for_the_first_step(tmp_path):
     finally:
         restore()
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _sleep_long():
+    time.sleep(60)
+
+
+def test_forked_children_keep_the_default_meaning_of_the_signal(tmp_path):
+    """Workers forked after install() (DataLoader, packing pools) inherit the handler; there the
+    signal must still end them, or Pool.terminate() with stop_signal=SIGTERM would hang."""
+    import multiprocessing as mp
+
+    restore = StopRequest(tmp_path / "STOP", signal_name="SIGTERM").install()
+    try:
+        child = mp.get_context("fork").Process(target=_sleep_long)
+        child.start()
+        time.sleep(0.5)
+        child.terminate()  # SIGTERM
+        child.join(timeout=20)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+            child.join()
+    finally:
+        restore()
+    assert not alive and child.exitcode == -signal.SIGTERM

@@ -28,11 +28,11 @@ def test_sigterm_to_the_whole_torchrun_job_checkpoints_the_step_in_progress(tmp_
     try:
         deadline = time.monotonic() + 180
         metrics = run_dir / "metrics.jsonl"
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3:
-                break
+        trained = False
+        while time.monotonic() < deadline and proc.poll() is None and not trained:
+            trained = metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 3
             time.sleep(0.1)
-        assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-4000:]
+        assert trained and proc.poll() is None, (tmp_path / "log.txt").read_text()[-4000:]
         os.killpg(proc.pid, signal.SIGTERM)  # slurmstepd signals every process of the step
         proc.wait(timeout=120)
     finally:
