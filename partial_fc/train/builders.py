@@ -11,7 +11,7 @@ import npc_head
 from ..optim import build_classifier_optimizer
 from ..partial_fc import PartialFC
 from .stop import StopRequest
-from .trainer import TrainSettings
+from .trainer import TrainSettings, stop_request_for
 
 HEAD_KEYS = {
     "npcface": ("s", "m0", "m1", "t", "alpha", "hard_margin"),
@@ -117,5 +117,4 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
 def build_stop_request(cfg: DictConfig, run_dir: Path) -> StopRequest:
     """The run's stop request: ``trainer.stop_file`` (default ``<run_dir>/STOP``), polled every
     ``trainer.stop_poll_s``, and ``trainer.stop_signal``."""
-    s = build_settings(cfg, run_dir)
-    return StopRequest(s.stop_file or Path(run_dir) / "STOP", s.stop_poll_s, s.stop_signal)
+    return stop_request_for(build_settings(cfg, run_dir))

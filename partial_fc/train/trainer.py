@@ -61,6 +61,12 @@ class TrainSettings:
     extra_manifest: Dict = field(default_factory=dict)
 
 
+def stop_request_for(settings: TrainSettings) -> StopRequest:
+    """The stop request the settings describe (``stop_file`` defaulting to ``<run_dir>/STOP``)."""
+    return StopRequest(settings.stop_file or Path(settings.run_dir) / "STOP", settings.stop_poll_s,
+                       settings.stop_signal)
+
+
 class CollectiveTimeoutError(RuntimeError):
     """A collective did not complete in time: a peer hung or died."""
 
@@ -159,8 +165,7 @@ class Trainer:
         )
         self.logger: Optional[MetricLogger] = None
         self.phase = "start-up"  # what the loop is doing, named in collective-timeout errors
-        self.stop = stop_request or StopRequest(
-            settings.stop_file or Path(settings.run_dir) / "STOP", settings.stop_poll_s, settings.stop_signal)
+        self.stop = stop_request or stop_request_for(settings)
         self.stop_requested = False  # agreed by all ranks at the end of each step
         self.stopped_by_request = False
 
