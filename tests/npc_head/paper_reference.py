@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from margin_reference import row_cross_entropy
+
 
 def _theta(cy):
     return torch.acos(cy.clamp(-1 + 1e-15, 1 - 1e-15))
@@ -79,8 +81,7 @@ def reference_loss(kind, params, embeddings, weight, labels, classes=None, t_val
         y = int(labels[i])
         negatives = [k for k in classes if k != y]
         pos, neg = row_logits(kind, params, cos[i, y], cos[i, negatives], t_value)
-        logits = params["s"] * torch.cat([pos.reshape(1), neg])
-        losses.append(-torch.log_softmax(logits, dim=0)[0])
+        losses.append(row_cross_entropy(params["s"], pos, neg))
     return torch.stack(losses).mean()
 
 
