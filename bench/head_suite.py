@@ -53,7 +53,7 @@ def main(argv=None):
         grid["classes"], grid["batch"], grid["rate"], grid["head"], grid["impl"]
     ):
         if impl == "reference" and grid["device"] == "cuda" and classes * rate > 4_000_000:
-            continue  # the materialised logits alone exceed the device (DESIGN.md section 7)
+            continue  # the materialised logits alone exceed the device (bench/RESULTS.md, anchor)
         config = dict(device=grid["device"], classes=classes, batch=batch, head=head, impl=impl,
                       rate=rate)
         record, cmd = run(config, extra, args.timeout)

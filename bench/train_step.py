@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, default=11_680,
                    help="classes on this device (default: MS1MV3's 93,431 over 8 GPUs)")
     p.add_argument("--head", choices=["npcface", "arcface", "none"], default="npcface",
-                   help="none: backbone only (the DESIGN.md anchor's measurement)")
+                   help="none: backbone only (as the anchor's backbone rows, bench/RESULTS.md)")
     p.add_argument("--impl", choices=["auto", "reference", "chunked"], default="auto")
     p.add_argument("--sample-rate", type=float, default=1.0)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,

@@ -12,7 +12,8 @@ class ArcFace(MarginHead):
     """ArcFace: target logit cos(theta_y + m) where c_y > cos(pi - m), else c_y - m sin(pi - m).
 
     The fallback keeps the logit monotonic in theta_y past pi - m (the standard form); gradients
-    are exact (no straight-through trick).
+    are exact (no straight-through trick). Source: Deng et al., arXiv:1801.07698, and
+    insightface's ``CombinedMarginLoss``; docs/ALGORITHM.md, section 3.
     """
 
     def __init__(self, s=64.0, m=0.5):
@@ -33,7 +34,8 @@ class ArcFace(MarginHead):
 
 
 class CosFace(MarginHead):
-    """CosFace: target logit c_y - m."""
+    """CosFace: target logit c_y - m (Wang et al., arXiv:1801.09414; docs/ALGORITHM.md,
+    section 3)."""
 
     def __init__(self, s=64.0, m=0.4):
         super().__init__(s)

@@ -26,7 +26,8 @@ class CurricularFace(MarginHead):
     ``prepare`` receives the target cosines after the classifier's all-reduce, and since every
     row has exactly one non-zero contribution (its owner's) that sum is exact, so every rank sees
     bit-identical target cosines, computes the same mean and keeps the same t without a
-    collective of its own.
+    collective of its own. Source: Huang et al., arXiv:2004.00288, and the authors' code;
+    docs/ALGORITHM.md, section 3.
     """
 
     def __init__(self, s=64.0, m=0.5, momentum=0.01):

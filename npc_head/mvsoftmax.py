@@ -24,6 +24,8 @@ class MVSoftmax(MarginHead):
     all scaled by ``s``. The authors' code writes the same thing with t' = t - 1
     ("(t' + 1) c + t'" adaptive, "c + t'" fixed, t' = 0.2 by default). With ``arc=True`` and
     the adaptive weight this equals NPCFace with m1 = 0, alpha = t - 1, hard_margin = m0 = m.
+    Source: Wang et al., arXiv:1912.00833, and the authors' FaceX-Zoo head; docs/ALGORITHM.md,
+    section 3.
     """
 
     def __init__(self, s=32.0, m=0.35, t=1.2, arc=True, fixed=False):

@@ -19,7 +19,12 @@ class NPCFace(MarginHead):
     - positive logit cos(theta_y + m_i) where c_y > 0, else c_y;
     - negative logit t * c_k + alpha where hard, else c_k;
 
-    all scaled by ``s``. ``hard_margin`` defaults to ``m0``.
+    all scaled by ``s``. ``hard_margin`` defaults to ``m0`` (the authors' FaceX-Zoo head
+    thresholds with its separate ``margin``, 0.5 by default).
+
+    Inputs of the protocol calls are float cosines [rows] / [rows, cols] (fp32 or wider); the
+    statistics are float64 [rows, 2]. Source: Zeng et al., arXiv:2007.10172, and the authors'
+    code; every formula and special case: docs/ALGORITHM.md, section 2.
     """
 
     num_stats = 2  # [sum_k I_k c_k, sum_k I_k]

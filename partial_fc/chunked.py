@@ -18,6 +18,7 @@ Forward (one sweep over the class blocks):
 Backward recomputes each tile, forms d loss / d cosine from the saved per-row log-sum-exp (the
 head's ``negative_softmax_slope``), and feeds the two gradient GEMMs: the normalised-embedding gradient accumulates over blocks and each
 block's weight gradient is written once, both chained through the normalisations by hand.
+The algorithm step by step, with its sources: docs/ALGORITHM.md, section 7.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ NORM_EPS = 1e-12
 # Default tile budget (elements of one [rows x block] tile) per device type. CPU: 4M elements
 # (4096 classes at Bg=1024) measured best on a 2-core machine (bench/RESULTS.md); smaller blocks
 # cost little single-threaded but pay a thread-pool barrier per operation. CUDA: 64K classes at
-# Bg=1024 (a 256 MiB fp32 tile; the feasibility probe of DESIGN.md section 7 used 128K-256K),
+# Bg=1024 (a 256 MiB fp32 tile; the feasibility probe in bench/RESULTS.md used 128K-256K),
 # leaving room for weight, gradient and momentum within the 8 GiB target at 1M classes.
 DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 

@@ -21,6 +21,36 @@ def _positive(kind, p, cy):
     raise ValueError(kind)
 
 
+def row_logits(kind, params, cy, c_neg):
+    """Unscaled (positive logit, negative logits, margin, hard count) of one row.
+
+    ``cy`` is the row's target cosine (0-d), ``c_neg`` its negative cosines (target column
+    removed); both may carry gradients. ``margin`` and ``hard count`` are NPCFace's m_i and
+    sum_k I_k (None for the other heads).
+    """
+    if kind != "npcface":
+        return _positive(kind, params, cy), c_neg, None, None
+    hm = params.get("hard_margin")
+    hm = params["m0"] if hm is None else hm
+    theta = math.acos(max(-1.0, min(1.0, float(cy.detach()))))
+    tau = math.cos(theta + hm)
+    hard = c_neg.detach() > tau
+    n_hard = int(hard.sum())
+    mean_hard = float(c_neg.detach()[hard].sum()) / max(1, n_hard)
+    m = params["m0"] + params["m1"] * mean_hard
+    if float(cy.detach()) > 0:
+        pos = torch.cos(torch.acos(cy.clamp(-1 + 1e-15, 1 - 1e-15)) + m)
+    else:
+        pos = cy
+    neg = torch.where(hard, params["t"] * c_neg + params["alpha"], c_neg)
+    return pos, neg, m, n_hard
+
+
+def row_cross_entropy(s, pos, neg):
+    """-log softmax(s * [pos, neg])[0]: one row's loss from its unscaled logits."""
+    return -torch.log_softmax(s * torch.cat([pos.reshape(1), neg]), dim=0)[0]
+
+
 def reference_loss(kind, params, embeddings, weight, labels, classes=None):
     """Mean loss of rows ``embeddings`` [B, D] against class rows ``weight`` [C, D].
 
@@ -35,32 +65,11 @@ def reference_loss(kind, params, embeddings, weight, labels, classes=None):
     losses, margins, hard_counts = [], [], []
     for i in range(e.shape[0]):
         y = int(labels[i])
-        cy = cos[i, y]
         negatives = [k for k in classes if k != y]
-        c_neg = cos[i, negatives]
-        if kind == "npcface":
-            s = params["s"]
-            hm = params.get("hard_margin")
-            hm = params["m0"] if hm is None else hm
-            theta = math.acos(max(-1.0, min(1.0, float(cy.detach()))))
-            tau = math.cos(theta + hm)
-            hard = c_neg.detach() > tau
-            n_hard = int(hard.sum())
-            mean_hard = float(c_neg.detach()[hard].sum()) / max(1, n_hard)
-            m = params["m0"] + params["m1"] * mean_hard
-            if float(cy.detach()) > 0:
-                pos = torch.cos(torch.acos(cy.clamp(-1 + 1e-15, 1 - 1e-15)) + m)
-            else:
-                pos = cy
-            neg = torch.where(hard, params["t"] * c_neg + params["alpha"], c_neg)
-            margins.append(m)
-            hard_counts.append(n_hard)
-        else:
-            s = params["s"]
-            pos = _positive(kind, params, cy)
-            neg = c_neg
-        logits = s * torch.cat([pos.reshape(1), neg])
-        losses.append(-torch.log_softmax(logits, dim=0)[0])
+        pos, neg, m, n_hard = row_logits(kind, params, cos[i, y], cos[i, negatives])
+        losses.append(row_cross_entropy(params["s"], pos, neg))
+        margins.append(m)
+        hard_counts.append(n_hard)
     loss = torch.stack(losses).mean()
     stats = {}
     if kind == "npcface":

@@ -210,7 +210,7 @@ class _KeyIndex:
         self.ends = np.where(nxt < uniq.size, uniq[np.minimum(nxt, max(uniq.size - 1, 0))], file_size)
         # an .idx can point past the end of a truncated file: no record may end beyond it
         self.ends = np.minimum(self.ends, file_size).astype(np.int64, copy=False)
-        # array('q') gives Python ints about 3x faster than indexing numpy arrays
+        # array('q') hands out Python ints; indexing a numpy array makes a numpy scalar per read
         self.offset_at = array("q", self.offsets.astype(np.int64).tobytes())
         self.end_at = array("q", self.ends.tobytes())
         self.size = n

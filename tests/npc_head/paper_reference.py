@@ -9,13 +9,17 @@ import math
 
 import torch
 
+from margin_reference import row_cross_entropy
+
 
 def _theta(cy):
     return torch.acos(cy.clamp(-1 + 1e-15, 1 - 1e-15))
 
 
-def _row_logits(kind, p, cy, c_neg, t_value):
-    """(positive logit, negative logits) of one row, unscaled."""
+def row_logits(kind, p, cy, c_neg, t_value=0.0):
+    """(positive logit, negative logits) of one row, unscaled; ``cy`` 0-d, ``c_neg`` the row's
+    negative cosines (target column removed), both may carry gradients. ``t_value``:
+    CurricularFace's t."""
     theta_y = float(torch.acos(cy.detach().clamp(-1.0, 1.0)))
     if kind == "mv":
         m, t = p["m"], p["t"]
@@ -48,10 +52,16 @@ def target_cosines(embeddings, weight, labels):
     return torch.stack([(e[i] @ w[int(labels[i])]).clamp(-1.0, 1.0) for i in range(e.shape[0])])
 
 
+def curricular_t_update(t_before, target_cos, momentum=0.01):
+    """CurricularFace's t after one training forward whose target cosines are ``target_cos``:
+    t <- momentum * mean(c_y) + (1 - momentum) * t (the authors' running average)."""
+    return momentum * float(target_cos.detach().mean()) + (1.0 - momentum) * float(t_before)
+
+
 def curricular_t_after(t_before, embeddings, weight, labels, momentum=0.01):
     """CurricularFace's t after one training forward on this batch (the authors' update)."""
     cy = target_cosines(embeddings.detach(), weight.detach(), labels)
-    return momentum * float(cy.mean()) + (1.0 - momentum) * float(t_before)
+    return curricular_t_update(t_before, cy, momentum)
 
 
 def reference_loss(kind, params, embeddings, weight, labels, classes=None, t_value=0.0):
@@ -70,9 +80,8 @@ def reference_loss(kind, params, embeddings, weight, labels, classes=None, t_val
     for i in range(e.shape[0]):
         y = int(labels[i])
         negatives = [k for k in classes if k != y]
-        pos, neg = _row_logits(kind, params, cos[i, y], cos[i, negatives], t_value)
-        logits = params["s"] * torch.cat([pos.reshape(1), neg])
-        losses.append(-torch.log_softmax(logits, dim=0)[0])
+        pos, neg = row_logits(kind, params, cos[i, y], cos[i, negatives], t_value)
+        losses.append(row_cross_entropy(params["s"], pos, neg))
     return torch.stack(losses).mean()
 
 
