@@ -75,25 +75,25 @@ def list_photos(root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) ->
 
 
 @functools.lru_cache(maxsize=None)
-def _detector(upsample: int):
+def _detector(upsample: int, method: str):
     # One per process: each worker of the pool builds its own on first use.
     from .face_detection import FaceDetector
 
-    return FaceDetector(upsample=upsample)
+    return FaceDetector(upsample=upsample, method=method)
 
 
 def _align_one(task) -> Dict:
     """Worker: align one photo and write it; returns its report entry."""
     from partial_fc.eval.alignment import align_face
 
-    source, target, landmarks, upsample, keep_largest, size, quality = task
+    source, target, landmarks, (upsample, method), keep_largest, size, quality = task
     entry: Dict = {"photo": source}
     try:
         image = decode_image(Path(source).read_bytes())
     except (OSError, ImageDecodeError) as err:
         return {**entry, "status": "unreadable", "reason": str(err)}
     if landmarks is None:
-        faces = _detector(upsample).detect(image)
+        faces = _detector(upsample, method).detect(image)
         entry["faces"] = len(faces)
         if not faces:
             return {**entry, "status": "no_face"}
@@ -112,11 +112,13 @@ def _align_one(task) -> Dict:
 
 
 def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[PathLike] = None,
-                 keep_largest: bool = False, upsample: int = 1, size: int = 112,
+                 keep_largest: bool = False, upsample: int = 1, method: str = "hog+cnn",
+                 size: int = 112,
                  quality: int = 95, workers: int = 1, progress: bool = True) -> Dict:
     """Align every photo under `source` (or every photo a `landmark_file` lists) into `output`.
 
-    Without a landmark file the detector (extra `[align]`) finds the faces: a photo with one
+    Without a landmark file `FaceDetector(upsample, method)` (extra `[align]`) finds the
+    faces: a photo with one
     face is aligned; with several, only when `keep_largest` (the largest box is kept). Crops are
     `size` x `size` JPEGs at `quality`, at the photo's relative path with the suffix `.jpg`.
 
@@ -135,7 +137,7 @@ def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[
     else:
         from .face_detection import FaceDetector
 
-        FaceDetector(upsample=upsample)  # fails here, once, when the extra is missing
+        FaceDetector(upsample=upsample, method=method)  # fails here, once, when the extra is missing
         jobs = [(name, None) for name in list_photos(source)]
     if not jobs:
         raise AlignError(f"{source}: no photos ({', '.join(IMAGE_EXTENSIONS)})")
@@ -146,8 +148,8 @@ def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[
             raise AlignError(f"{source / name} and {source / targets[target]} would both be "
                              f"written to {output / target}")
         targets[target] = name
-    tasks = [(str(source / name), str(output / Path(name).with_suffix(".jpg")), points, upsample,
-              keep_largest, size, quality) for name, points in jobs]
+    tasks = [(str(source / name), str(output / Path(name).with_suffix(".jpg")), points,
+              (upsample, method), keep_largest, size, quality) for name, points in jobs]
 
     bar = None
     if progress:

