@@ -98,7 +98,7 @@ def detect(args) -> None:
                                              "records": records}))
 
 
-def _template_scale(alignment, points) -> np.ndarray:
+def _to_template(alignment, points) -> np.ndarray:
     return alignment.estimate_similarity(points, alignment.ARCFACE_TEMPLATE)
 
 
@@ -113,7 +113,7 @@ def compare(args) -> None:
             if not rec["faces"]:
                 continue
             points = np.asarray(rec["faces"][0])
-            to_template = _template_scale(alignment, points)
+            to_template = _to_template(alignment, points)
             if rec["moved_faces"]:
                 matrix = np.asarray(rec["matrix"])
                 expected = points @ matrix[:, :2].T + matrix[:, 2]
@@ -124,7 +124,7 @@ def compare(args) -> None:
             ref = reference.get(rec["photo"])
             if ref is not None and ref["faces"]:
                 ref_points = np.asarray(ref["faces"][0])
-                ref_matrix = _template_scale(alignment, ref_points)
+                ref_matrix = _to_template(alignment, ref_points)
                 mapped = lambda p: p @ ref_matrix[:, :2].T + ref_matrix[:, 2]  # noqa: E731
                 agree.append(np.linalg.norm(mapped(points) - mapped(ref_points), axis=1))
         equi, agree = np.array(equi), np.array(agree)

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from partial_fc.data.aligning import AlignError, align_folder, read_landmark_file
 from partial_fc.data.face_detection import DetectorUnavailable
-from partial_fc.eval.alignment import ARCFACE_TEMPLATE, estimate_similarity, warp_affine
+from partial_fc.eval.alignment import ARCFACE_TEMPLATE, warp_affine
 from partial_fc.tools import align as align_tool
 
 REAL_FACES = Path(__file__).resolve().parents[2].parent / "shared" / "real_faces"
