@@ -143,6 +143,9 @@ def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[
         raise AlignError(f"{source}: no photos ({', '.join(IMAGE_EXTENSIONS)})")
     targets: Dict[str, str] = {}
     for name, _ in jobs:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise AlignError(f"{landmark_file}: {name!r} must be a path inside {source} "
+                             "(relative, without '..'), as its crop goes to the same place in the output")
         target = Path(name).with_suffix(".jpg").as_posix()
         if target in targets:
             raise AlignError(f"{source / name} and {source / targets[target]} would both be "

@@ -80,6 +80,13 @@ def test_landmark_path_needs_no_detector_and_the_detector_path_says_what_to_inst
     assert align_tool.main([str(src), str(tmp_path / "out3"), "--no-progress"]) == 2
 
 
+def test_landmark_paths_must_stay_inside_the_source_folder(tmp_path):
+    (tmp_path / "src").mkdir()
+    landmarks = _write_landmarks(tmp_path / "points.txt", [("../x.png", ARCFACE_TEMPLATE)])
+    with pytest.raises(AlignError, match="must be a path inside"):
+        align_folder(tmp_path / "src", tmp_path / "out", landmark_file=landmarks, progress=False)
+
+
 @pytest.mark.parametrize("text, line, what", [
     ("a.png 1 2 3 4 5 6 7 8 9\n", 1, "11 fields"),
     ("# c\na.png 1 2 3 4 5 6 7 8 9 x\n", 2, "must be numbers"),
