@@ -138,7 +138,9 @@ def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[
         from .face_detection import FaceDetector
 
         FaceDetector(upsample=upsample, method=method)  # fails here, once, when the extra is missing
-        jobs = [(name, None) for name in list_photos(source)]
+        inside = output.resolve().is_relative_to(source.resolve())  # leave earlier crops out
+        jobs = [(name, None) for name in list_photos(source)
+                if not (inside and (source / name).resolve().is_relative_to(output.resolve()))]
     if not jobs:
         raise AlignError(f"{source}: no photos ({', '.join(IMAGE_EXTENSIONS)})")
     targets: Dict[str, str] = {}
