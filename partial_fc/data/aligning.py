@@ -113,14 +113,13 @@ def _align_one(task) -> Dict:
 
 def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[PathLike] = None,
                  keep_largest: bool = False, upsample: int = 1, method: str = "hog+cnn",
-                 size: int = 112,
-                 quality: int = 95, workers: int = 1, progress: bool = True) -> Dict:
+                 size: int = 112, quality: int = 95, workers: int = 1, progress: bool = True) -> Dict:
     """Align every photo under `source` (or every photo a `landmark_file` lists) into `output`.
 
-    Without a landmark file `FaceDetector(upsample, method)` (extra `[align]`) finds the
-    faces: a photo with one
-    face is aligned; with several, only when `keep_largest` (the largest box is kept). Crops are
-    `size` x `size` JPEGs at `quality`, at the photo's relative path with the suffix `.jpg`.
+    Without a landmark file `FaceDetector(upsample, method)` (extra `[align]`) finds the faces:
+    a photo with one face is aligned; with several, only when `keep_largest` (the largest box is
+    kept). Crops are `size` x `size` JPEGs at `quality`, at the photo's relative path with the
+    suffix `.jpg`; an `output` inside `source` is not read as photos. `workers` processes.
 
     Returns the report: counts, and per photo its `status` (`aligned`, `no_face`,
     `several_faces`, `unreadable`), the number of `faces` found, and for aligned photos the
