@@ -53,7 +53,8 @@ def make_heldout(out_dir: Path, num_identities: int = 400, num_pairs: int = 6000
                  family_size: int = 4, family_spread: float = 0.35, jitter: float = 0.7,
                  same_family_negatives: float = 0.8, seed: int = 0, workers: int = 2) -> Path:
     """Write ``heldout.bin`` and ``labels.json`` into ``out_dir`` (kept when the parameters match)."""
-    from partial_fc.data.synthetic import plan_pairs, write_verification_bin
+    from partial_fc.data.synthetic import plan_pairs
+    from partial_fc.eval.bin_format import write_bin
     from partial_fc.data.synthetic_faces import sample_identities
 
     params = dict(num_identities=num_identities, num_pairs=num_pairs, family_size=family_size,
@@ -86,7 +87,7 @@ def make_heldout(out_dir: Path, num_identities: int = 400, num_pairs: int = 6000
             for batch in tqdm(pool.imap(_render, chunks), total=len(chunks),
                               desc="rendering held-out"):
                 images += batch
-    write_verification_bin(out_dir / "heldout.bin", images, [s for _, _, s in pairs])
+    write_bin(out_dir / "heldout.bin", images, [s for _, _, s in pairs])
     labels_path.write_text(json.dumps({"params": params, "identities": identities,
                                        "family_size": family_size}) + "\n")
     return out_dir

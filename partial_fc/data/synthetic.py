@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from ..eval.bin_format import write_bin
 from .parallel import imap_ordered
 from .recordio import IRHeader, RecordIOWriter, pack
 from .synthetic_faces import SIZE, render_jpeg, sample_identities
 
-__all__ = ["generate_synthetic", "write_verification_bin", "plan_pairs"]
+__all__ = ["generate_synthetic", "plan_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +31,6 @@ PathLike = Union[str, os.PathLike]
 
 # Seed streams: one word after the user's seed keeps the streams independent.
 _STREAM_TRAIN_IDS, _STREAM_HELDOUT_IDS, _STREAM_TRAIN_IMG, _STREAM_PAIR_IMG, _STREAM_PAIRS = range(5)
-
-
-def write_verification_bin(path: PathLike, images: Sequence[bytes], issame: Sequence[bool]) -> Path:
-    """Write an insightface verification ``.bin``: pickle of (list of JPEG bytes, list of bool),
-    images in pairs (2i, 2i+1)."""
-    if len(images) != 2 * len(issame):
-        raise ValueError(f"{len(images)} images for {len(issame)} pairs (need exactly two per pair)")
-    path = Path(path)
-    with open(path, "wb") as f:
-        pickle.dump(([bytes(b) for b in images], [bool(x) for x in issame]), f, protocol=pickle.HIGHEST_PROTOCOL)
-    return path
 
 
 def plan_pairs(
@@ -205,7 +194,7 @@ def generate_synthetic(
             pair_jobs.append((held_ids[a], (seed, _STREAM_PAIR_IMG, p, 0)))
             pair_jobs.append((held_ids[b], (seed, _STREAM_PAIR_IMG, p, 1)))
         pair_images = list(_render_iter(pair_jobs, jitter, workers, "rendering pairs", progress))
-        bin_path = write_verification_bin(out / "heldout.bin", pair_images, [s for _, _, s in pairs])
+        bin_path = write_bin(out / "heldout.bin", pair_images, [s for _, _, s in pairs])
         bins.append(str(bin_path))
         same_family = sum(1 for a, b, s in pairs if not s and a // family_size == b // family_size)
         pair_summary = {

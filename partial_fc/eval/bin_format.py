@@ -12,7 +12,7 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -90,6 +90,24 @@ def read_bin_records(path: PathLike) -> Tuple[List[bytes], List[bool]]:
         raise ValueError(f"{path}: {len(images)} images for {len(issame)} pairs "
                          f"(expected {2 * len(issame)})")
     return [bytes(img) for img in images], list(issame)
+
+
+def write_bin(path: PathLike, images: Sequence[bytes], issame: Sequence[bool]) -> Path:
+    """Write an insightface verification `.bin`: a pickle of (list of encoded images, list of
+    bool), images 2i and 2i+1 forming pair i, as insightface's `load_bin` reads it.
+
+    The file appears whole or not at all (written beside it, then renamed). Raises ValueError
+    when `images` does not hold exactly two images per pair.
+    """
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"{len(images)} images for {len(issame)} pairs (need exactly two per pair)")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(([bytes(b) for b in images], [bool(x) for x in issame]), f,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return path
 
 
 def load_bin(path: PathLike, image_size: Optional[Tuple[int, int]] = None,
