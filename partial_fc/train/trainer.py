@@ -321,7 +321,7 @@ class Trainer:
             images, labels = self.batches.next()
             last = micro == self.s.grad_accum - 1
             losses.append(self._forward_backward(images, labels, 1.0 / self.s.grad_accum, sync=last))
-            self.batches.advance(len(labels))
+            self.batches.advance(self.batches.batch_size)  # sampler positions, skipped samples included
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         loss = torch.stack(losses).mean()
