@@ -105,6 +105,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _require(cfg, f"trainer.{key}", _positive_int, "must be a positive integer")
     _require(cfg, "trainer.val_every", _non_negative_int, "must be an integer >= 0")
+    _require(cfg, "trainer.max_consecutive_skips", _non_negative_int, "must be an integer >= 0 (0: no bound)")
     dump = OmegaConf.select(cfg, "trainer.dump_margins_every", default=0)
     if dump is not None and not _non_negative_int(dump):
         raise ConfigError(f"trainer.dump_margins_every must be an integer >= 0, got {dump!r}")
