@@ -33,6 +33,7 @@ __all__ = [
     "FaceRecordDataset",
     "ImageFolderDataset",
     "read_property",
+    "list_identity_folders",
     "drop_skipped",
     "IMAGE_EXTENSIONS",
     "LABEL_CHECKS",
@@ -40,7 +41,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The image files read from identity folders and accepted in pfc-pack list files (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 _BAD_IMAGE_POLICIES = ("raise", "skip")
 LABEL_CHECKS = ("off", "warn", "raise")
 _LOGGED_DISAGREEMENTS = 20  # label/range disagreements logged one by one; later ones only counted
@@ -67,6 +69,38 @@ def read_property(path: PathLike) -> Tuple[int, int, int]:
     except ValueError:
         raise LabelError(f"{path}: malformed property {text[:60]!r} (expected 'num_classes,H,W')") from None
     return fields[0], fields[1], fields[2]
+
+
+def list_identity_folders(root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    """``(class names, [(path, label)], ignored files)`` of ``root/<identity>/<image>``:
+    identities in sorted name order, images by file name; files whose extension is not in
+    ``extensions`` (``Thumbs.db``, ``.txt``) are ignored and returned (and logged) so callers
+    can report them. Raises FileNotFoundError without ``root``, LabelError naming the folder
+    when there are no identity folders or an identity has no images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    exts = tuple(e.lower() for e in extensions)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        hint = ""
+        if any(root.glob("*.rec")):
+            hint = " (it holds RecordIO: train on it with data=rec data.root=" + str(root) + ")"
+        raise LabelError(f"{root}: no identity folders (expected {root}/<identity>/<image>){hint}")
+    samples: List[Tuple[Path, int]] = []
+    ignored: List[Path] = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.is_file())
+        images = [p for p in files if p.suffix.lower() in exts]
+        ignored.extend(p for p in files if p.suffix.lower() not in exts)
+        if not images:
+            raise LabelError(f"{root / name}: identity {label} ({name!r}) has no images "
+                             f"({len(files)} other file(s); image extensions: {' '.join(exts)})")
+        samples.extend((p, label) for p in images)
+    if ignored:
+        log.warning("%s: %d file(s) without an image extension ignored, e.g. %s (image extensions: %s)",
+                    root, len(ignored), ignored[0], " ".join(exts))
+    return classes, samples, ignored
 
 
 def drop_skipped(batch):
@@ -131,7 +165,7 @@ class _BadSamplePolicy:
         if size is not None and tuple(image.shape[:2]) != size:
             raise BadSampleError(
                 f"{where}: image is {image.shape[0]}x{image.shape[1]}, expected {size[0]}x{size[1]} "
-                f"(repack with pfc-pack --resize {size[0]}x{size[1]})"
+                f"(HxW; repack with pfc-pack --resize {size[0]}x{size[1]})"
             )
 
 
@@ -197,6 +231,12 @@ class FaceRecordDataset(_BadSamplePolicy):
         self.property_path = prop_path if prop_path.is_file() else None
         prop = read_property(prop_path) if self.property_path else None
         self.image_size = (prop[1], prop[2]) if prop else None
+        if self.required_size is not None and self.image_size not in (None, self.required_size):
+            h, w = self.required_size
+            raise ValueError(
+                f"{prop_path}: images are {prop[1]}x{prop[2]} (HxW) but {h}x{w} are needed; repack with "
+                f"pfc-pack --resize {h}x{w}"
+            )
 
         header = self._read_layout_header()
         self._key_class: Optional[np.ndarray] = None
@@ -386,7 +426,8 @@ class ImageFolderDataset(_BadSamplePolicy):
     """Images in one sub-folder per identity: ``root/<identity>/<image>``.
 
     Identities are the sub-folders in sorted name order (class 0, 1, ...); images within an
-    identity are sorted by file name. An identity folder without images raises LabelError.
+    identity are sorted by file name (:func:`list_identity_folders`; other files are listed in
+    ``ignored_files``). An identity folder without images raises LabelError.
     ``return_key=True`` makes items ``(image, label, path)``. With ``image_size=(h, w)`` a decoded
     image of another size is a bad sample (``on_bad_image`` decides), named by its path.
     """
@@ -403,22 +444,9 @@ class ImageFolderDataset(_BadSamplePolicy):
     ):
         self._init_policy(on_bad_image, image_size)
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
         self.transform = transform
         self.return_key = return_key
-        exts = tuple(e.lower() for e in extensions)
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise LabelError(f"{self.root}: no identity folders")
-        self.samples: List[Tuple[Path, int]] = []
-        for label, name in enumerate(self.classes):
-            files = sorted(
-                p for p in (self.root / name).iterdir() if p.is_file() and p.suffix.lower() in exts
-            )
-            if not files:
-                raise LabelError(f"{self.root / name}: identity {label} ({name!r}) has no images")
-            self.samples.extend((p, label) for p in files)
+        self.classes, self.samples, self.ignored_files = list_identity_folders(self.root, extensions)
         self.num_classes = len(self.classes)
 
     def __len__(self) -> int:

@@ -42,7 +42,8 @@ def _write_insightface(root, images, labels, ranges=None, num_classes=None):
             w.write(i + 1, pack(IRHeader(0, float(lab), i + 1, 0), img))
         for c, (a, b) in enumerate(ranges):
             w.write(n + 1 + c, pack(IRHeader(0, [a, b], 0, 0), b""))
-    (root / "property").write_text(f"{classes},112,112")
+    h, w = decode_image(images[0]).shape[:2]
+    (root / "property").write_text(f"{classes},{h},{w}")
     return root
 
 
