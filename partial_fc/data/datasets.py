@@ -108,7 +108,11 @@ def drop_skipped(batch):
     skipped samples and collates the rest with PyTorch's default (the batch may be smaller)."""
     from torch.utils.data import default_collate
 
-    return default_collate([item for item in batch if item is not None])
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise BadSampleError(f"all {len(batch)} samples of a batch were bad and skipped (see the warnings "
+                             "naming them): the data cannot be trained on")
+    return default_collate(kept)
 
 
 def _label_to_class(label) -> Optional[int]:

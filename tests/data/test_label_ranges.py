@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 
 from pfc_data_helpers import jpeg_bytes
 from partial_fc.data import FaceRecordDataset, IRHeader, LabelError, RecordIOWriter, pack
@@ -91,3 +90,11 @@ def test_inspect_counts_by_label_and_lists_range_disagreements(tmp_path, capsys)
     assert inspect_tool.main([str(broken), "--verify", "--json", "--no-progress"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert [b["key"] for b in report["broken"]] == [3] and [w["key"] for w in report["range_disagreements"]] == [9]
+
+
+def test_a_batch_of_only_bad_samples_says_so():
+    from partial_fc.data.datasets import BadSampleError, drop_skipped
+
+    assert drop_skipped([None, (np.zeros(2, np.uint8), 1)])[1].tolist() == [1]
+    with pytest.raises(BadSampleError, match="all 2 samples of a batch were bad"):
+        drop_skipped([None, None])
