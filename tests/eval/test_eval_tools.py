@@ -160,7 +160,7 @@ def test_extract_refuses_unaligned_sizes_unless_asked(demo, tmp_path):
     folder.mkdir()
     Image.fromarray(np.zeros((120, 130, 3), np.uint8)).save(folder / "a.png")
     out = tmp_path / "f.npy"
-    with pytest.raises(ValueError, match="a.png is 130x120"):
+    with pytest.raises(ValueError, match=r"a.png is 120x130 \(HxW\), the model takes 112x112"):
         extract_tool.main([str(demo["ckpt"]), str(folder), str(out)])
     assert extract_tool.main([str(demo["ckpt"]), str(folder), str(out), "--resize",
                               "--no-normalize", "--no-flip"]) == 0
