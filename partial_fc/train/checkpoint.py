@@ -82,9 +82,12 @@ def load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, unsafe pickle: all mean the same
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # weights_only's refusal says what it found on a later line ("Unsupported global: ...")
+        found = next((line for line in lines if "Unsupported global" in line), None)
+        what = f"refused by weights_only, {found[:300]}" if found else lines[0][:300]
         raise CheckpointError(f"{path}: not a readable checkpoint file ({path.stat().st_size} bytes): "
-                              f"{first}") from None
+                              f"{what}") from None
 
 
 def load_into(module: torch.nn.Module, state: Dict, path: Path, what: str) -> None:
