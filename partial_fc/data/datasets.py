@@ -2,12 +2,17 @@
 
 Items are ``(image, label)``; with ``transform=None`` the image is the decoded uint8 HxWx3 RGB
 array, otherwise ``transform(image)``. A sample whose payload cannot be used (an undecodable image,
-an unreadable image header, a label that contradicts the identity ranges) is a *bad sample*:
+an unreadable image header, an image of the wrong size) is a *bad sample*:
 ``on_bad_image="raise"`` raises BadSampleError naming the file, key and offset;
-``on_bad_image="skip"`` logs it, counts it in ``skipped`` and returns the next usable sample in
-index order instead, with that sample's own label (labels never shift). Damaged RecordIO framing
-always raises RecordIOError, and a label outside ``[0, num_classes)`` always raises LabelError: both
-mean the file (or its ``property``) is wrong, not just one picture.
+``on_bad_image="skip"`` logs it, counts it in ``skipped`` and returns ``None`` in its place, so no
+other sample is served twice (:func:`drop_skipped` is the collate function that leaves the ``None``
+out of a batch). Damaged RecordIO framing always raises RecordIOError, and a label outside
+``[0, num_classes)`` always raises LabelError: both mean the file (or its ``property``) is wrong,
+not just one picture.
+
+The image header's label is authoritative (as insightface's loader has it); the identity ranges
+of an InsightFace header only give counts and a consistency check (``check_labels``), because
+public packs (Glint360K) have ranges that disagree with correct labels.
 """
 from __future__ import annotations
 
@@ -28,14 +33,19 @@ __all__ = [
     "FaceRecordDataset",
     "ImageFolderDataset",
     "read_property",
+    "list_identity_folders",
+    "drop_skipped",
     "IMAGE_EXTENSIONS",
+    "LABEL_CHECKS",
 ]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# The image files read from identity folders and accepted in pfc-pack list files (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 _BAD_IMAGE_POLICIES = ("raise", "skip")
-_MAX_CONSECUTIVE_SKIPS = 64
+LABEL_CHECKS = ("off", "warn", "raise")
+_LOGGED_DISAGREEMENTS = 20  # label/range disagreements logged one by one; later ones only counted
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,6 +69,50 @@ def read_property(path: PathLike) -> Tuple[int, int, int]:
     except ValueError:
         raise LabelError(f"{path}: malformed property {text[:60]!r} (expected 'num_classes,H,W')") from None
     return fields[0], fields[1], fields[2]
+
+
+def list_identity_folders(root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    """``(class names, [(path, label)], ignored files)`` of ``root/<identity>/<image>``:
+    identities in sorted name order, images by file name; files whose extension is not in
+    ``extensions`` (``Thumbs.db``, ``.txt``) are ignored and returned (and logged) so callers
+    can report them. Raises FileNotFoundError without ``root``, LabelError naming the folder
+    when there are no identity folders or an identity has no images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    exts = tuple(e.lower() for e in extensions)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        hint = ""
+        if any(root.glob("*.rec")):
+            hint = " (it holds RecordIO: train on it with data=rec data.root=" + str(root) + ")"
+        raise LabelError(f"{root}: no identity folders (expected {root}/<identity>/<image>){hint}")
+    samples: List[Tuple[Path, int]] = []
+    ignored: List[Path] = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.is_file())
+        images = [p for p in files if p.suffix.lower() in exts]
+        ignored.extend(p for p in files if p.suffix.lower() not in exts)
+        if not images:
+            raise LabelError(f"{root / name}: identity {label} ({name!r}) has no images "
+                             f"({len(files)} other file(s); image extensions: {' '.join(exts)})")
+        samples.extend((p, label) for p in images)
+    if ignored:
+        log.warning("%s: %d file(s) without an image extension ignored, e.g. %s (image extensions: %s)",
+                    root, len(ignored), ignored[0], " ".join(exts))
+    return classes, samples, ignored
+
+
+def drop_skipped(batch):
+    """Collate function for a dataset with ``on_bad_image="skip"``: leaves out the ``None`` of
+    skipped samples and collates the rest with PyTorch's default (the batch may be smaller)."""
+    from torch.utils.data import default_collate
+
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise BadSampleError(f"all {len(batch)} samples of a batch were bad and skipped (see the warnings "
+                             "naming them): the data cannot be trained on")
+    return default_collate(kept)
 
 
 def _label_to_class(label) -> Optional[int]:
@@ -95,21 +149,15 @@ class _BadSamplePolicy:
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
-        first_error = None
-        for attempt in range(min(n, _MAX_CONSECUTIVE_SKIPS + 1)):
-            i = (index + attempt) % n
-            try:
-                return self._load(i)
-            except BadSampleError as err:
-                if self.on_bad_image == "raise":
-                    raise
-                self.skipped += 1
-                self.skipped_indices.append(i)
-                log.warning("skipping bad sample (index %d): %s", i, err)
-                first_error = first_error or err
-        raise BadSampleError(
-            f"{_MAX_CONSECUTIVE_SKIPS + 1} consecutive bad samples from index {index}; first: {first_error}"
-        )
+        try:
+            return self._load(index)
+        except BadSampleError as err:
+            if self.on_bad_image == "raise":
+                raise
+            self.skipped += 1
+            self.skipped_indices.append(index)
+            log.warning("skipping bad sample (index %d): %s", index, err)
+            return None
 
     def _load(self, index: int):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -121,7 +169,7 @@ class _BadSamplePolicy:
         if size is not None and tuple(image.shape[:2]) != size:
             raise BadSampleError(
                 f"{where}: image is {image.shape[0]}x{image.shape[1]}, expected {size[0]}x{size[1]} "
-                f"(resize when packing: pfc-pack --resize {size[0]})"
+                f"(HxW; repack with pfc-pack --resize {size[0]}x{size[1]})"
             )
 
 
@@ -133,8 +181,10 @@ class FaceRecordDataset(_BadSamplePolicy):
 
     - InsightFace: record 0 holds a header (flag > 0, empty payload, label ``[N+1, N+1+C]``);
       images are keys 1..N, and keys N+1..N+C hold each identity's ``[first key, end key)``.
-      ``num_classes`` is C; a ``property`` file that says otherwise raises LabelError. With
-      ``check_labels`` every image's label must match the identity range holding its key.
+      ``num_classes`` is C; a ``property`` file that says otherwise raises LabelError. The image's
+      own label is used; ``check_labels`` (one of LABEL_CHECKS) says what a label outside the
+      identity range holding its key does: ``off`` nothing, ``warn`` a logged warning (counted
+      in ``label_disagreements``), ``raise`` a LabelError naming the key, label and range.
     - im2rec: every key is an image, in key order; ``num_classes`` comes from ``property``, the
       ``num_classes`` argument, or (neither given) one scan of the labels.
 
@@ -151,7 +201,7 @@ class FaceRecordDataset(_BadSamplePolicy):
         *,
         on_bad_image: str = "raise",
         num_classes: Optional[int] = None,
-        check_labels: bool = True,
+        check_labels: str = "warn",
         return_key: bool = False,
         name: str = "train",
         save_index: bool = False,
@@ -170,7 +220,10 @@ class FaceRecordDataset(_BadSamplePolicy):
         self.root = root
         self.transform = transform
         self.return_key = return_key
+        if check_labels not in LABEL_CHECKS:
+            raise ValueError(f"check_labels must be one of {LABEL_CHECKS}, got {check_labels!r}")
         self.check_labels = check_labels
+        self.label_disagreements = 0  # per process, like ``skipped``
         if idx_path.is_file():
             self.reader = RecordIOReader(rec_path, idx_path)
         else:
@@ -182,6 +235,12 @@ class FaceRecordDataset(_BadSamplePolicy):
         self.property_path = prop_path if prop_path.is_file() else None
         prop = read_property(prop_path) if self.property_path else None
         self.image_size = (prop[1], prop[2]) if prop else None
+        if self.required_size is not None and self.image_size not in (None, self.required_size):
+            h, w = self.required_size
+            raise ValueError(
+                f"{prop_path}: images are {prop[1]}x{prop[2]} (HxW) but {h}x{w} are needed; repack with "
+                f"pfc-pack --resize {h}x{w}"
+            )
 
         header = self._read_layout_header()
         self._key_class: Optional[np.ndarray] = None
@@ -201,8 +260,7 @@ class FaceRecordDataset(_BadSamplePolicy):
                     rec_path,
                     key=int(missing[0]),
                 )
-            if check_labels:
-                self._load_identity_ranges(first_identity_key, end_identity_key)
+            self._load_identity_ranges(first_identity_key, end_identity_key)
         else:
             self.layout = "im2rec"
             self.keys = np.sort(self.reader.key_array)
@@ -318,14 +376,35 @@ class FaceRecordDataset(_BadSamplePolicy):
             raise BadSampleError(self._where(key) + f": label {label} is not a class index")
         if not 0 <= cls < self.num_classes:
             raise LabelError(self._where(key) + f": label {cls} outside [0, {self.num_classes})")
-        if self._key_class is not None:
+        if self.check_labels != "off" and self._key_class is not None:
             expected = int(self._key_class[key - 1])
-            if expected >= 0 and expected != cls:
-                raise BadSampleError(
-                    self._where(key) + f": label {cls} contradicts the header, which puts this key "
-                    f"in identity {expected}"
-                )
+            if expected != cls:
+                self._range_disagreement(key, cls, expected)
         return cls
+
+    def range_disagreement(self, key: int, label: int) -> Optional[str]:
+        """Why ``label`` of image ``key`` disagrees with the header's identity ranges, or None."""
+        if self._key_class is None:
+            return None
+        expected = int(self._key_class[key - 1])
+        if expected == label:
+            return None
+        if expected < 0:
+            return f"label {label}, but no identity range holds key {key}"
+        start, end = (int(v) for v in self.identity_ranges[expected])
+        return (f"label {label}, but key {key} lies in identity {expected}'s range [{start}, {end}) "
+                "(the label is used)")
+
+    def _range_disagreement(self, key: int, label: int, expected: int) -> None:
+        message = self._where(key) + ": " + self.range_disagreement(key, label)
+        if self.check_labels == "raise":
+            raise LabelError(message + "; data.label_check=warn trains on the labels and warns")
+        self.label_disagreements += 1
+        if self.label_disagreements <= _LOGGED_DISAGREEMENTS:
+            log.warning("%s", message)
+        elif self.label_disagreements == _LOGGED_DISAGREEMENTS + 1:
+            log.warning("%s: more labels disagree with the identity ranges; no longer logged one by one "
+                        "(pfc-inspect lists them all)", self.reader.rec_path)
 
     def _load(self, index: int):
         key = int(self.keys[index])
@@ -351,7 +430,8 @@ class ImageFolderDataset(_BadSamplePolicy):
     """Images in one sub-folder per identity: ``root/<identity>/<image>``.
 
     Identities are the sub-folders in sorted name order (class 0, 1, ...); images within an
-    identity are sorted by file name. An identity folder without images raises LabelError.
+    identity are sorted by file name (:func:`list_identity_folders`; other files are listed in
+    ``ignored_files``). An identity folder without images raises LabelError.
     ``return_key=True`` makes items ``(image, label, path)``. With ``image_size=(h, w)`` a decoded
     image of another size is a bad sample (``on_bad_image`` decides), named by its path.
     """
@@ -368,22 +448,9 @@ class ImageFolderDataset(_BadSamplePolicy):
     ):
         self._init_policy(on_bad_image, image_size)
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
         self.transform = transform
         self.return_key = return_key
-        exts = tuple(e.lower() for e in extensions)
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise LabelError(f"{self.root}: no identity folders")
-        self.samples: List[Tuple[Path, int]] = []
-        for label, name in enumerate(self.classes):
-            files = sorted(
-                p for p in (self.root / name).iterdir() if p.is_file() and p.suffix.lower() in exts
-            )
-            if not files:
-                raise LabelError(f"{self.root / name}: identity {label} ({name!r}) has no images")
-            self.samples.extend((p, label) for p in files)
+        self.classes, self.samples, self.ignored_files = list_identity_folders(self.root, extensions)
         self.num_classes = len(self.classes)
 
     def __len__(self) -> int:

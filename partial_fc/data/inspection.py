@@ -11,7 +11,7 @@ from .datasets import FaceRecordDataset, _label_to_class, read_property
 from .image import ImageDecodeError, decode_image
 from .recordio import RecordIOError, unpack
 
-__all__ = ["inspect_dataset", "images_per_identity_histogram", "format_report"]
+__all__ = ["inspect_dataset", "images_per_identity_histogram", "format_report", "exit_status"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,21 +47,25 @@ def inspect_dataset(root: PathLike, verify: bool = False, progress: bool = True,
                     max_errors: Optional[int] = None) -> Dict:
     """Describe a RecordIO face dataset; with ``verify``, read and decode every record.
 
-    Returns a dict: layout, header, counts, label range, images-per-identity histogram and, with
-    ``verify``, ``broken``: one entry ``{key, offset, error}`` per record that cannot be read,
-    unpacked, labelled or decoded. Framing damage that stops the dataset from opening at all is
-    reported as ``fatal``.
+    Returns a dict: layout, header, counts, label range, images-per-identity histogram (counted
+    from the images' labels), ``broken``: one entry ``{key, offset, error}`` per record that
+    cannot be read, unpacked or labelled (with ``verify`` also decoded, and of the property
+    file's HxW), and ``range_disagreements``: one entry ``{key, offset, warning}`` per image
+    whose label lies outside the identity range of the InsightFace header holding its key (a
+    warning: training uses the label). Framing damage that stops the dataset from opening at all
+    is reported as ``fatal``.
     """
     root = Path(root)
     rec_path, idx_path, prop_path = _rec_paths(root)
     report: Dict = {"rec": str(rec_path), "idx": str(idx_path) if idx_path.is_file() else None}
     report["property"] = list(read_property(prop_path)) if prop_path.is_file() else None
     try:
-        ds = FaceRecordDataset(rec_path)
+        ds = FaceRecordDataset(rec_path, check_labels="off")
     except (RecordIOError, ValueError) as err:
         report["fatal"] = str(err)
         return report
     reader = ds.reader
+    size = ds.image_size  # (H, W) from the property file, if any
     report.update(
         layout=ds.layout,
         num_records=len(reader),
@@ -75,6 +79,7 @@ def inspect_dataset(root: PathLike, verify: bool = False, progress: bool = True,
 
     labels = np.full(len(ds), -1, dtype=np.int64)
     broken: List[Dict] = []
+    disagreements: List[Dict] = []
     iterator = range(len(ds))
     bar = None
     if progress:
@@ -94,25 +99,28 @@ def inspect_dataset(root: PathLike, verify: bool = False, progress: bool = True,
             cls = _label_to_class(head.label)
             if cls is None or not 0 <= cls < ds.num_classes:
                 raise ValueError(f"label {head.label} is not a class in [0, {ds.num_classes})")
-            if ds._key_class is not None and ds._key_class[key - 1] != cls:
-                raise ValueError(f"label {cls} contradicts the header's identity {ds._key_class[key - 1]}")
-            labels[i] = cls
             if verify:
-                decode_image(payload)
+                image = decode_image(payload)
+                if size is not None and tuple(image.shape[:2]) != size:
+                    raise ValueError(f"image is {image.shape[0]}x{image.shape[1]} (HxW), the property file "
+                                     f"says {size[0]}x{size[1]}")
+            labels[i] = cls
         except (RecordIOError, ImageDecodeError, ValueError) as err:
             broken.append({"key": key, "offset": offset, "error": str(err)})
             if max_errors is not None and len(broken) >= max_errors:
                 break
+            continue
+        why = ds.range_disagreement(key, cls)
+        if why is not None:
+            disagreements.append({"key": key, "offset": offset, "warning": why})
     if bar is not None:
         bar.close()
 
     valid = labels[labels >= 0]
     if valid.size:
         report["label_range"] = [int(valid.min()), int(valid.max())]
-    if ds.identity_ranges is not None:
-        counts = ds.identity_ranges[:, 1] - ds.identity_ranges[:, 0]
-    else:
-        counts = np.bincount(valid, minlength=ds.num_classes)
+    # the labels say how many images an identity has (the ranges may disagree: see warnings)
+    counts = np.bincount(valid, minlength=ds.num_classes)
     report["images_per_identity"] = {
         "min": int(counts.min()) if counts.size else 0,
         "median": float(np.median(counts)) if counts.size else 0.0,
@@ -123,7 +131,18 @@ def inspect_dataset(root: PathLike, verify: bool = False, progress: bool = True,
     }
     report["verified"] = bool(verify)
     report["broken"] = broken
+    report["range_disagreements"] = disagreements
     return report
+
+
+def exit_status(report: Dict) -> int:
+    """``pfc-inspect``'s exit status: 0 clean, 1 broken records, 2 fatal (the set does not open),
+    3 labels that disagree with the identity ranges (warnings only; training uses the labels)."""
+    if report.get("fatal"):
+        return 2
+    if report.get("broken"):
+        return 1
+    return 3 if report.get("range_disagreements") else 0
 
 
 def format_report(report: Dict) -> str:
@@ -160,4 +179,12 @@ def format_report(report: Dict) -> str:
         lines.append(f"  key {b['key']} offset {b['offset']}: {b['error']}")
     if len(broken) > 50:
         lines.append(f"  ... and {len(broken) - 50} more")
+    warnings = report.get("range_disagreements", [])
+    if warnings:
+        lines.append(f"warning: {len(warnings)} label(s) disagree with the header's identity ranges "
+                     "(training uses the labels; data.label_check decides what it says)")
+        for w in warnings[:50]:
+            lines.append(f"  key {w['key']} offset {w['offset']}: {w['warning']}")
+        if len(warnings) > 50:
+            lines.append(f"  ... and {len(warnings) - 50} more")
     return "\n".join(lines)

@@ -4,7 +4,9 @@ Sources: a folder with one sub-folder per identity (identities in sorted name or
 sorted file-name order), or a list file of ``path<TAB>label`` lines (relative paths are taken from
 the list file's folder; images are grouped by label, keeping the file's order within a label).
 Images are read (and optionally validated, resized, re-encoded) in worker processes; records are
-written in a deterministic order whatever the number of workers.
+written in a deterministic order whatever the number of workers. Image files are those with an
+extension in ``IMAGE_EXTENSIONS`` (the same list for folders and list files). Sizes are HxW
+everywhere (``resize``, messages, ``property``); a set holds one size.
 """
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
-from .datasets import IMAGE_EXTENSIONS, LabelError
+from .datasets import IMAGE_EXTENSIONS, LabelError, list_identity_folders
 from .image import ImageDecodeError, decode_image
 from .parallel import imap_ordered
 from .recordio import IRHeader, encode_record, pack
 
-__all__ = ["PackError", "list_image_folder", "read_list_file", "pack_images", "pack_dataset"]
+__all__ = ["PackError", "list_image_folder", "read_list_file", "pack_images", "pack_dataset", "RESIZE_MODES",
+           "fit_image"]
+
+RESIZE_MODES = ("stretch", "crop", "pad")  # the first is the default
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +39,9 @@ class PackError(ValueError):
 
 
 def list_image_folder(root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Tuple[Path, int]]:
-    """``(path, label)`` for ``root/<identity>/<image>``: identities sorted by name, images by
-    file name. An identity folder without images raises LabelError."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    exts = tuple(e.lower() for e in extensions)
-    identities = sorted(p for p in root.iterdir() if p.is_dir())
-    if not identities:
-        raise LabelError(f"{root}: no identity folders")
-    items: List[Tuple[Path, int]] = []
-    for label, folder in enumerate(identities):
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in exts)
-        if not files:
-            raise LabelError(f"{folder}: identity {label} ({folder.name!r}) has no images")
-        items.extend((p, label) for p in files)
-    return items
+    """``(path, label)`` for ``root/<identity>/<image>`` (see
+    :func:`partial_fc.data.datasets.list_identity_folders`, which also says what it ignored)."""
+    return list_identity_folders(root, extensions)[1]
 
 
 def read_list_file(list_path: PathLike) -> List[Tuple[Path, int]]:
@@ -57,6 +49,11 @@ def read_list_file(list_path: PathLike) -> List[Tuple[Path, int]]:
 
     Labels must be integers covering 0..max: a label with no image raises LabelError.
     """
+    return [(path, label) for path, label, _ in _read_list_lines(list_path)]
+
+
+def _read_list_lines(list_path: PathLike) -> List[Tuple[Path, int, int]]:
+    """``(path, label, line number)`` of :func:`read_list_file`, in its order."""
     list_path = Path(list_path)
     base = list_path.parent
     items = []
@@ -74,11 +71,14 @@ def read_list_file(list_path: PathLike) -> List[Tuple[Path, int]]:
         except ValueError:
             raise PackError(f"{list_path}:{lineno}: label {label_text!r} is not a class index >= 0") from None
         path = Path(path_text)
-        items.append((path if path.is_absolute() else base / path, label))
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise PackError(f"{list_path}:{lineno}: {path_text!r} has no image extension (accepted: "
+                            f"{' '.join(IMAGE_EXTENSIONS)})")
+        items.append((path if path.is_absolute() else base / path, label, lineno))
     if not items:
         raise PackError(f"{list_path}: no entries")
     items.sort(key=lambda item: item[1])  # stable: keeps the file's order within a label
-    present = {label for _, label in items}
+    present = {item[1] for item in items}
     top = items[-1][1]
     missing = [k for k in range(top + 1) if k not in present]
     if missing:
@@ -90,22 +90,51 @@ def read_list_file(list_path: PathLike) -> List[Tuple[Path, int]]:
 
 
 def _parse_size(resize) -> Optional[Tuple[int, int]]:
+    """(H, W) from an int S, a string "S" or "HxW", or an (H, W) pair."""
     if resize is None:
         return None
     if isinstance(resize, int):
         return (resize, resize)
     if isinstance(resize, str):
-        parts = resize.lower().replace("x", ",").split(",")
-        vals = [int(p) for p in parts if p.strip()]
+        try:
+            vals = [int(p) for p in resize.lower().replace("x", ",").split(",") if p.strip()]
+            if len(vals) not in (1, 2) or min(vals) < 1:
+                raise ValueError
+        except ValueError:
+            raise PackError(f"resize: expected S or HxW (e.g. 112x112), got {resize!r}") from None
         return (vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1])
-    w, h = resize
-    return int(w), int(h)
+    h, w = resize
+    return int(h), int(w)
+
+
+def fit_image(image: Image.Image, size: Tuple[int, int], mode: str = RESIZE_MODES[0]) -> Image.Image:
+    """``image`` brought to ``size`` (H, W) by ``mode``: ``stretch`` resizes bilinearly (the aspect
+    ratio changes when it differs), ``crop`` cuts the centred largest region of the target aspect
+    ratio and resizes it, ``pad`` resizes to fit inside and centres it on black."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    h, w = size
+    if image.size == (w, h):
+        return image
+    if mode == "stretch":
+        return image.resize((w, h), Image.BILINEAR)
+    iw, ih = image.size
+    if mode == "crop":
+        scale = max(w / iw, h / ih)
+        cw, ch = round(w / scale), round(h / scale)
+        left, top = (iw - cw) // 2, (ih - ch) // 2
+        return image.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BILINEAR)
+    scale = min(w / iw, h / ih)
+    inner = image.resize((max(1, round(iw * scale)), max(1, round(ih * scale))), Image.BILINEAR)
+    canvas = Image.new(image.mode, (w, h))
+    canvas.paste(inner, ((w - inner.size[0]) // 2, (h - inner.size[1]) // 2))
+    return canvas
 
 
 def _load_image(task):
-    """Worker: bytes for one image, or an error message. task = (path, size, quality, validate,
-    reencode)."""
-    path, size, quality, validate, reencode = task
+    """Worker: (bytes, (H, W), None) for one image, or (None, None, error message).
+    task = (path, size (H, W) or None, resize mode, quality, validate, reencode)."""
+    path, size, mode, quality, validate, reencode = task
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -114,18 +143,19 @@ def _load_image(task):
         if size is None and not reencode:
             if validate:
                 arr = decode_image(data)
-                return data, (arr.shape[1], arr.shape[0]), None
-            with Image.open(io.BytesIO(data)) as im:  # header only: width, height
-                return data, im.size, None
-        arr = decode_image(data)
-        im = Image.fromarray(arr)
-        if size is not None and im.size != size:
-            im = im.resize(size, Image.BILINEAR)
+                return data, arr.shape[:2], None
+            with Image.open(io.BytesIO(data)) as im:  # header only
+                return data, (im.size[1], im.size[0]), None
+        im = Image.fromarray(decode_image(data))
+        if size is not None:
+            im = fit_image(im, size, mode)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue(), im.size, None
-    except (ImageDecodeError, OSError, ValueError) as err:
+        return buf.getvalue(), (im.size[1], im.size[0]), None
+    except ImageDecodeError as err:
         return None, None, f"{path}: {err}"
+    except (OSError, ValueError) as err:  # Pillow: not an image it knows
+        return None, None, f"{path}: not a readable image ({len(data)} bytes, {type(err).__name__})"
 
 
 def pack_images(
@@ -133,6 +163,7 @@ def pack_images(
     out_dir: PathLike,
     *,
     resize=None,
+    resize_mode: str = RESIZE_MODES[0],
     quality: int = 95,
     validate: bool = False,
     reencode: bool = False,
@@ -140,6 +171,7 @@ def pack_images(
     workers: int = 1,
     progress: bool = True,
     prefix: str = "train",
+    origins: Optional[Sequence[str]] = None,
 ) -> Dict:
     """Write ``(path, label)`` items (grouped by label, labels 0..C-1) as an InsightFace dataset.
 
@@ -147,10 +179,12 @@ def pack_images(
     given order), keys N+1..N+C each identity's ``[first key, end key)``; ``property`` holds
     ``C,H,W`` (H, W from ``resize`` or the first image).
 
-    ``validate`` decodes every image; ``resize`` (int or (W, H) or "WxH") and ``reencode``
-    re-encode as JPEG with ``quality``. An unreadable image raises PackError, or with
-    ``skip_bad`` is left out and listed in the summary (an identity left without images still
-    raises LabelError).
+    ``validate`` decodes every image; ``resize`` (int S, (H, W) or "HxW"; ``resize_mode`` one of
+    RESIZE_MODES, see :func:`fit_image`) and ``reencode`` re-encode as JPEG with ``quality``. An
+    unreadable image, or without ``resize`` one whose size differs from the first image's,
+    raises PackError naming it, or with ``skip_bad`` is left out and listed in the summary (an
+    identity left without images still raises LabelError). ``origins`` (one per item, e.g.
+    ``list.txt:12``) say in such messages where an item came from.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +196,9 @@ def pack_images(
         raise PackError("items must be grouped by label in increasing order (see read_list_file)")
     num_classes = labels[-1] + 1
     size = _parse_size(resize)
-    tasks = [(str(p), size, quality, validate, reencode) for p, _ in items]
+    if resize_mode not in RESIZE_MODES:
+        raise PackError(f"resize mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    tasks = [(str(p), size, resize_mode, quality, validate, reencode) for p, _ in items]
 
     bar = None
     if progress:
@@ -184,17 +220,24 @@ def pack_images(
         # position independent, so the body is then copied behind the header unchanged.
         with open(body_path, "wb") as body:
             pos = 0
-            for (path, label), (data, dims, err) in zip(items, results):
+            for i, ((path, label), (data, dims, err)) in enumerate(zip(items, results)):
+                if err is not None and origins is not None:
+                    err = f"{origins[i]}: {err}"
                 if bar is not None:
                     bar.update(1)
+                if err is None and first_size is not None and tuple(dims) != first_size:
+                    err = (f"{path}: image is {dims[0]}x{dims[1]} (HxW) but the first image "
+                           f"({first_path}) is {first_size[0]}x{first_size[1]}; a set holds one size: "
+                           f"pass --resize HxW (resize=) to bring every image to it")
                 if err is not None:
                     if not skip_bad:
-                        raise PackError(f"unusable image: {err} (use skip_bad to leave such images out)")
+                        raise PackError(f"unusable image: {err} (pfc-pack --skip-bad, skip_bad=True, leaves "
+                                        "such images out)")
                     log.warning("leaving out %s", err)
                     bad.append(err)
                     continue
                 if first_size is None:
-                    first_size = dims
+                    first_size, first_path = tuple(dims), path
                 key = len(body_offsets) + 1
                 frames = encode_record(pack(IRHeader(0, float(label), key, 0), data))
                 body.write(frames)
@@ -238,7 +281,7 @@ def pack_images(
         os.replace(tmp_idx, idx_path)
     finally:
         body_path.unlink(missing_ok=True)
-    width, height = size if size is not None else first_size
+    height, width = size if size is not None else first_size
     (out / "property").write_text(f"{num_classes},{height},{width}\n")
     return {
         "rec": str(rec_path),
@@ -252,7 +295,17 @@ def pack_images(
 
 
 def pack_dataset(source: PathLike, out_dir: PathLike, **kwargs) -> Dict:
-    """Pack a folder of identity folders, or a ``path<TAB>label`` list file, into ``out_dir``."""
+    """Pack a folder of identity folders, or a ``path<TAB>label`` list file, into ``out_dir``.
+    The summary's ``ignored_files`` lists the files of a folder source that are not images."""
     source = Path(source)
-    items = list_image_folder(source) if source.is_dir() else read_list_file(source)
-    return pack_images(items, out_dir, **kwargs)
+    ignored: List[Path] = []
+    origins = None
+    if source.is_dir():
+        _, items, ignored = list_identity_folders(source)
+    else:
+        lines = _read_list_lines(source)
+        items = [(path, label) for path, label, _ in lines]
+        origins = [f"{source}:{lineno}" for _, _, lineno in lines]
+    summary = pack_images(items, out_dir, origins=origins, **kwargs)
+    summary["ignored_files"] = [str(p) for p in ignored]
+    return summary

@@ -9,6 +9,7 @@ wrappers that can only produce bytes; any other global in the file is refused be
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 PathLike = Union[str, os.PathLike]
+
+log = logging.getLogger(__name__)
 
 
 def _bytes_from_latin1(text, encoding="latin1", errors="strict"):
@@ -128,6 +131,7 @@ def load_bin(path: PathLike, image_size: Optional[Tuple[int, int]] = None,
     path = Path(path)
     encoded, issame = read_bin_records(path)
     decoded = []
+    resized = {}  # original (H, W) -> how many images had it
     for i, blob in enumerate(tqdm(encoded, desc=f"decoding {path.name}", disable=not progress,
                                   leave=False)):
         try:
@@ -135,12 +139,18 @@ def load_bin(path: PathLike, image_size: Optional[Tuple[int, int]] = None,
         except Exception as err:
             raise ValueError(f"{path}: image {i} cannot be decoded ({err})") from err
         if image_size is not None and img.shape[:2] != tuple(image_size):
+            resized[img.shape[:2]] = resized.get(img.shape[:2], 0) + 1
             img = np.asarray(Image.fromarray(img).resize((image_size[1], image_size[0]),
                                                          Image.BILINEAR))
         if decoded and img.shape != decoded[0].shape:
-            raise ValueError(f"{path}: image {i} is {img.shape[1]}x{img.shape[0]}, image 0 is "
-                             f"{decoded[0].shape[1]}x{decoded[0].shape[0]}; pass image_size")
+            raise ValueError(f"{path}: image {i} is {img.shape[0]}x{img.shape[1]} (HxW), image 0 is "
+                             f"{decoded[0].shape[0]}x{decoded[0].shape[1]}; pass image_size")
         decoded.append(img)
+    if resized:
+        sizes = ", ".join(f"{n} of {h}x{w}" for (h, w), n in sorted(resized.items()))
+        log.warning("%s: %d of %d images resized bilinearly to %dx%d (HxW) (%s): the model sees "
+                    "stretched faces unless the set was made for it", path, sum(resized.values()),
+                    len(encoded), image_size[0], image_size[1], sizes)
     if not decoded:
         raise ValueError(f"{path}: holds no pairs")
     return np.stack(decoded), np.asarray(issame, dtype=bool)

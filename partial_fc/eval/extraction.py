@@ -27,8 +27,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def _to_chw(image: np.ndarray, size: Tuple[int, int], resize: bool, source: str) -> torch.Tensor:
     if image.shape[:2] != tuple(size):
         if not resize:
-            raise ValueError(f"{source} is {image.shape[1]}x{image.shape[0]}, the model takes "
-                             f"{size[1]}x{size[0]} aligned crops (allow resizing to rescale)")
+            raise ValueError(f"{source} is {image.shape[0]}x{image.shape[1]} (HxW), the model takes "
+                             f"{size[0]}x{size[1]} aligned crops (allow resizing to rescale)")
         from PIL import Image
         image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -45,9 +45,10 @@ class IJBMeta:
 
 
 def _read_table(path: Path, min_columns: int):
+    """Whitespace-separated rows of a metadata file; ``line_numbers`` (same order) for messages."""
     if not path.is_file():
         raise FileNotFoundError(f"IJB metadata file missing: {path}")
-    rows = []
+    rows, line_numbers = [], []
     with open(path) as f:
         for line_no, line in enumerate(f, start=1):
             fields = line.split()
@@ -56,9 +57,22 @@ def _read_table(path: Path, min_columns: int):
             if len(fields) < min_columns:
                 raise ValueError(f"{path}:{line_no}: expected {min_columns} columns, got {len(fields)}")
             rows.append(fields)
+            line_numbers.append(line_no)
     if not rows:
         raise ValueError(f"{path} is empty")
-    return rows
+    return rows, line_numbers
+
+
+def _parsed(path: Path, rows, line_numbers, columns: slice, cast, what: str) -> np.ndarray:
+    """``cast`` of ``row[columns]`` for every row; a field that does not parse raises naming the
+    file, its line and the field."""
+    out = []
+    for row, line_no in zip(rows, line_numbers):
+        try:
+            out.append([cast(v) for v in row[columns]])
+        except ValueError:
+            raise ValueError(f"{path}:{line_no}: expected {what}, got {' '.join(row[columns])!r}") from None
+    return np.array(out)
 
 
 def read_ijb_meta(root: PathLike, target: str = "IJBC") -> IJBMeta:
@@ -72,34 +86,32 @@ def read_ijb_meta(root: PathLike, target: str = "IJBC") -> IJBMeta:
     pair_path = meta / f"{prefix}_template_pair_label.txt"
     lmk_path = meta / f"{prefix}_name_5pts_score.txt"
 
-    faces = _read_table(face_path, 3)
+    faces, face_lines = _read_table(face_path, 3)
     names = [row[0] for row in faces]
-    try:
-        templates = np.array([int(row[1]) for row in faces], dtype=np.int64)
-        medias = np.array([int(row[2]) for row in faces], dtype=np.int64)
-    except ValueError as err:
-        raise ValueError(f"{face_path}: non-integer template or media id ({err})") from err
+    ids = _parsed(face_path, faces, face_lines, slice(1, 3), int, "integer template and media ids")
+    templates, medias = ids[:, 0].astype(np.int64), ids[:, 1].astype(np.int64)
 
-    lmk_rows = _read_table(lmk_path, 12)
-    by_name = {row[0]: row for row in lmk_rows}
-    if len(by_name) != len(lmk_rows):
-        raise ValueError(f"{lmk_path}: an image name appears more than once")
+    lmk_rows, lmk_lines = _read_table(lmk_path, 12)
+    by_name = {}
+    for row, line_no in zip(lmk_rows, lmk_lines):
+        if row[0] in by_name:
+            raise ValueError(f"{lmk_path}:{line_no}: image {row[0]} appears again (first on line "
+                             f"{by_name[row[0]][1]})")
+        by_name[row[0]] = (row, line_no)
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ValueError(f"{lmk_path}: no landmarks for {len(missing)} faces, e.g. {missing[0]}")
-    try:
-        values = np.array([[float(v) for v in by_name[n][1:12]] for n in names], dtype=np.float64)
-    except ValueError as err:
-        raise ValueError(f"{lmk_path}: non-numeric landmark or score ({err})") from err
+        raise ValueError(f"{lmk_path}: no landmarks for {len(missing)} faces of {face_path.name}, "
+                         f"e.g. {missing[0]}")
+    values = _parsed(lmk_path, [by_name[n][0] for n in names], [by_name[n][1] for n in names],
+                     slice(1, 12), float, "10 landmark coordinates and a score").astype(np.float64)
 
-    pair_rows = _read_table(pair_path, 3)
-    try:
-        pairs = np.array([[int(r[0]), int(r[1])] for r in pair_rows], dtype=np.int64)
-        labels = np.array([int(r[2]) for r in pair_rows], dtype=np.int64)
-    except ValueError as err:
-        raise ValueError(f"{pair_path}: non-integer field ({err})") from err
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{pair_path}: labels must be 0 or 1")
+    pair_rows, pair_lines = _read_table(pair_path, 3)
+    fields = _parsed(pair_path, pair_rows, pair_lines, slice(0, 3), int,
+                     "two integer template ids and a 0/1 label").astype(np.int64)
+    pairs, labels = fields[:, :2], fields[:, 2]
+    bad = np.flatnonzero(~np.isin(labels, (0, 1)))
+    if bad.size:
+        raise ValueError(f"{pair_path}:{pair_lines[bad[0]]}: label must be 0 or 1, got {labels[bad[0]]}")
     unknown = np.setdiff1d(pairs.reshape(-1), templates)
     if unknown.size:
         raise ValueError(f"{pair_path}: template {unknown[0]} has no faces in {face_path.name}")

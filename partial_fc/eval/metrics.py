@@ -103,6 +103,13 @@ def tar_at_far(scores, labels, fars: Iterable[float] = DEFAULT_FARS) -> Dict[flo
     return {float(far): float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in fars}
 
 
+def far_resolvable(far: float, num_negatives: int) -> bool:
+    """Whether ``num_negatives`` impostor pairs can measure a FAR of ``far``: at least 1/far of
+    them (one false accept is then at most ``far``); below that every such TAR is one repeated,
+    meaningless value."""
+    return num_negatives * float(far) >= 1.0 - 1e-9
+
+
 def far_key(far: float) -> str:
     """The JSON key of a target FAR: Python's shortest repr, e.g. '1e-06', '0.001', '0.1'."""
     return repr(float(far))

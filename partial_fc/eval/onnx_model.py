@@ -73,8 +73,12 @@ class OnnxBackbone(nn.Module):
             raise FileNotFoundError(f"no ONNX model at {self.path}")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                            providers=list(_providers(device)))
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options,
+                                                providers=list(_providers(device)))
+        except Exception as err:  # onnxruntime raises its own pybind types
+            raise ValueError(f"{self.path}: not a loadable ONNX model ({self.path.stat().st_size} bytes): "
+                             f"{str(err).strip().splitlines()[0][:300]}") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{self.path}: expected one input, found {len(inputs)}")

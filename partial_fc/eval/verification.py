@@ -67,14 +67,26 @@ def clear_cache() -> None:
 
 def evaluate_pairs(embeddings: np.ndarray, issame: np.ndarray, folds: int = 10,
                    fars: Sequence[float] = metrics.DEFAULT_FARS) -> Dict[str, object]:
-    """Metrics of one pair set from L2-normalised embeddings in pair order (rows 2i, 2i+1)."""
+    """Metrics of one pair set from L2-normalised embeddings in pair order (rows 2i, 2i+1).
+
+    ``tar_at_far`` holds None for a FAR the set cannot resolve (fewer than 1/FAR negative
+    pairs: :func:`metrics.far_resolvable`). Embeddings holding NaN/inf (a diverged model) give
+    no metrics but ``{"failed": reason, "num_nonfinite": rows, "num_pairs"}``: a failed set,
+    not a traceback from inside scikit-learn."""
+    finite = np.isfinite(np.asarray(embeddings)).all(axis=1)
+    if not finite.all():
+        bad = int((~finite).sum())
+        return {"failed": f"{bad} of {finite.size} embeddings are non-finite (NaN/inf): the model has "
+                          "diverged", "num_nonfinite": bad, "num_pairs": int(issame.shape[0])}
     e1, e2 = embeddings[0::2], embeddings[1::2]
     acc, std = metrics.lfw_accuracy(e1, e2, issame, folds=folds)
     scores = np.sum(np.asarray(e1, np.float64) * np.asarray(e2, np.float64), axis=1)
     result: Dict[str, object] = {"acc": acc, "std": std, "num_pairs": int(issame.shape[0])}
     if issame.any() and not issame.all():
         tars = metrics.tar_at_far(scores, issame, fars)
-        result["tar_at_far"] = {metrics.far_key(f): t for f, t in tars.items()}
+        negatives = int((~np.asarray(issame, bool)).sum())
+        result["tar_at_far"] = {metrics.far_key(f): t if metrics.far_resolvable(f, negatives) else None
+                                for f, t in tars.items()}
     result["scores"] = scores
     return result
 
@@ -93,8 +105,10 @@ def evaluate_bins(model: nn.Module,
     L2-normalised; the model runs in eval mode under no_grad and gets its previous mode back.
     Each entry holds "acc", "std" (k-fold protocol), "xnorm" (mean norm of the raw embeddings
     of the images and their mirrors, insightface's XNorm), "num_pairs", "tar_at_far"
-    ({"1e-06": tar, ...} from the pair cosines) and with `keep_scores` the pair cosines and
-    labels ("scores", "issame") for ROC plots.
+    ({"1e-06": tar or None where the set has too few negative pairs, ...} from the pair
+    cosines) and with `keep_scores` the pair cosines and labels ("scores", "issame") for ROC
+    plots; or, where embeddings are non-finite, "failed", "num_nonfinite", "num_pairs" and
+    "xnorm" (see `evaluate_pairs`).
     """
     results: Dict[str, Dict[str, object]] = {}
     for source in bin_paths_or_loaded:
@@ -109,6 +123,6 @@ def evaluate_bins(model: nn.Module,
         if keep_scores:
             result["issame"] = vset.issame
         else:
-            del result["scores"]
+            result.pop("scores", None)
         results[vset.name] = result
     return results

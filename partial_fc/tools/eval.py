@@ -4,7 +4,9 @@
     pfc-eval model.onnx lfw.bin --ijb-root /data/IJB_release/IJBC --ijb-target IJBC -o results/
 
 Prints a table, writes `eval.json` ({"model", "sets": {name: {"acc", "std", "tar_at_far", ...}},
-"ijb": {...}}) and `roc.png` (all sets on one plot) into the output directory.
+"ijb": {...}}) and `roc.png` (all sets on one plot) into the output directory. A TAR at a FAR
+below 1/(negative pairs) reads "n/a (needs >= 1/FAR negative pairs)"; a set whose embeddings are
+non-finite (a diverged model) is reported as failed, and the exit status is then 1.
 """
 from __future__ import annotations
 
@@ -45,14 +47,31 @@ def _default_output_dir(model: Path) -> Path:
     return (model if model.is_dir() else model.parent) / "eval"
 
 
+def unresolved_far(far: float) -> str:
+    """What the table and eval.json say for a FAR the set has too few negative pairs for."""
+    return f"n/a (needs >= {round(1 / far):,} negative pairs)"
+
+
+def _tar_cell(tars: dict, far: float) -> str:
+    if not tars:
+        return "-"
+    tar = tars[metrics.far_key(far)]
+    return f"{100 * tar:.2f}%" if tar is not None else unresolved_far(far)
+
+
 def format_table(sets: Dict[str, dict], ijb: Dict[str, dict], fars: Sequence[float]) -> str:
     far_headers = [f"TAR@{metrics.far_key(f)}" for f in fars]
     header = ["set", "pairs", "accuracy", "std"] + far_headers
     rows: List[List[str]] = []
+    failures = []
     for name, r in sets.items():
+        if "failed" in r:
+            rows.append([name, str(r["num_pairs"]), "FAILED", "-"] + ["-" for _ in fars])
+            failures.append(f"{name}: {r['failed']}")
+            continue
         tars = r.get("tar_at_far", {})
         rows.append([name, str(r["num_pairs"]), f"{100 * r['acc']:.2f}%", f"+-{100 * r['std']:.2f}%"]
-                    + [f"{100 * tars[metrics.far_key(f)]:.2f}%" if tars else "-" for f in fars])
+                    + [_tar_cell(tars, f) for f in fars])
     for name, r in ijb.items():
         rows.append([name, str(r["num_pairs"]), "-", "-"]
                     + [f"{100 * r['tar_at_far'][metrics.far_key(f)]:.2f}%" for f in fars])
@@ -60,7 +79,7 @@ def format_table(sets: Dict[str, dict], ijb: Dict[str, dict], fars: Sequence[flo
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))) for row in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return "\n".join(lines + failures)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -76,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          progress=True) if args.bins else {}
     curves = {}
     for name, r in sets.items():
-        if "tar_at_far" in r:
+        if "tar_at_far" in r and "failed" not in r:
             fpr, tpr, _ = metrics.roc(r["scores"], r["issame"])
             curves[name] = (fpr, tpr)
     ijb = {}
@@ -94,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     drop = {"scores", "issame", "labels", "fpr", "tpr"}
     report = {
         "model": str(args.model),
-        "sets": {n: {k: v for k, v in r.items() if k not in drop} for n, r in sets.items()},
+        "sets": {n: _json_set(r, drop) for n, r in sets.items()},
         "ijb": {n: {k: v for k, v in r.items() if k not in drop} for n, r in ijb.items()},
     }
     json_path = out_dir / "eval.json"
@@ -103,7 +122,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if curves:
         png = plot_roc(curves, out_dir / "roc.png", title=f"ROC: {args.model.name}")
         print(f"wrote {png}")
-    return 0
+    return 1 if any("failed" in r for r in sets.values()) else 0
+
+
+def _json_set(result: dict, drop) -> dict:
+    out = {k: v for k, v in result.items() if k not in drop}
+    if "tar_at_far" in out:
+        out["tar_at_far"] = {k: v if v is not None else unresolved_far(float(k))
+                             for k, v in out["tar_at_far"].items()}
+    return out
 
 
 def _json_default(value):

@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 
-from partial_fc.data.packing import PackError, pack_dataset
+from partial_fc.data.datasets import IMAGE_EXTENSIONS
+from partial_fc.data.packing import RESIZE_MODES, PackError, pack_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,10 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pack face images into InsightFace-layout RecordIO: header record 0, images as keys "
         "1..N, one [start, end) record per identity, and a 'property' file.",
     )
-    p.add_argument("source", help="folder with one sub-folder per identity, or a list file of 'path<TAB>label' lines")
+    p.add_argument("source", help="folder with one sub-folder per identity, or a list file of 'path<TAB>label' "
+                   f"lines; image files: {' '.join(IMAGE_EXTENSIONS)} (other files are counted and ignored)")
     p.add_argument("out_dir", help="output folder (train.rec, train.idx, property)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reader processes (default: all CPUs)")
-    p.add_argument("--resize", default=None, help="resize every image to S or WxH and re-encode as JPEG")
+    p.add_argument("--resize", default=None, metavar="HxW",
+                   help="bring every image to S x S or HxW (height x width) and re-encode as JPEG; without it "
+                   "all images must have the first image's size")
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default=RESIZE_MODES[0],
+                   help="stretch: resize (aspect ratio may change; the default); crop: centre crop to the "
+                   "target aspect ratio, then resize; pad: resize to fit, centred on black")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality when re-encoding (default 95)")
     p.add_argument("--validate", action="store_true", help="decode every image; fail on (or with --skip-bad, drop) broken ones")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG (e.g. PNG sources)")
@@ -38,6 +45,7 @@ def main(argv=None) -> int:
             args.source,
             args.out_dir,
             resize=args.resize,
+            resize_mode=args.resize_mode,
             quality=args.quality,
             validate=args.validate or args.skip_bad,
             reencode=args.reencode,

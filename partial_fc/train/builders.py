@@ -93,6 +93,7 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
         precision=str(t.precision),
         grad_accum=int(t.grad_accum),
         clip_grad_norm=None if t.clip_grad_norm is None else float(t.clip_grad_norm),
+        max_consecutive_skips=int(t.max_consecutive_skips),
         log_every=int(t.log_every),
         val_every=int(t.val_every),
         val_batch_size=int(t.val_batch_size),

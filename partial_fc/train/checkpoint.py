@@ -66,8 +66,49 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not fit this run; the message names the
+    file and what was expected against what was found."""
+
+
 def load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """``torch.load`` (CPU, ``weights_only``) of one checkpoint file; a missing or unreadable
+    file raises CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        present = sorted(p.name for p in path.parent.glob("*")) if path.parent.is_dir() else []
+        raise CheckpointError(f"{path}: missing from the checkpoint (the folder holds: "
+                              f"{', '.join(present) or 'nothing'})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, unsafe pickle: all mean the same
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        # weights_only's refusal says what it found on a later line ("Unsupported global: ...")
+        found = next((line for line in lines if "Unsupported global" in line), None)
+        what = f"refused by weights_only, {found[:300]}" if found else lines[0][:300]
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({path.stat().st_size} bytes): "
+                              f"{what}") from None
+
+
+def load_into(module: torch.nn.Module, state: Dict, path: Path, what: str) -> None:
+    """``module.load_state_dict(state)``; a mismatch raises CheckpointError naming the file and
+    listing the missing, unexpected and differently shaped entries (expected vs found)."""
+    mine = module.state_dict()
+    missing = [k for k in mine if k not in state]
+    unexpected = [k for k in state if k not in mine]
+    shapes = [f"{k}: expected {tuple(mine[k].shape)}, found {tuple(state[k].shape)}" for k in mine
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(mine[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape(s) differ, e.g. {shapes[0]}")
+        if missing:
+            parts.append(f"{len(missing)} entries missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected entries, e.g. {unexpected[0]}")
+        raise CheckpointError(f"{path}: the {what} does not fit this run's model ({'; '.join(parts)}); "
+                              "was it written with other model.* settings?")
+    module.load_state_dict(state)
 
 
 def step_dir_name(step: int) -> str:
@@ -199,8 +240,9 @@ def load_shard_rows(path: Path, num_classes: int, world_size: int, rank: int) ->
     manifest = json.loads((path / MANIFEST).read_text())
     old_world = int(manifest["world_size"])
     if int(manifest["num_classes"]) != num_classes:
-        raise ValueError(
-            f"{path}: checkpoint has num_classes={manifest['num_classes']}, this run {num_classes}"
+        raise CheckpointError(
+            f"{path / MANIFEST}: checkpoint has num_classes={manifest['num_classes']}, this run "
+            f"{num_classes} (data.num_classes / the dataset)"
         )
     start, count = shard_range(num_classes, world_size, rank)
     if old_world == world_size:

@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.datasets import LABEL_CHECKS
+
 MODELS = ("r18", "r34", "r50", "r100", "r200", "mbf", "tiny")
 HEADS = ("npcface", "arcface", "cosface", "mvsoftmax", "curricularface")
 OPTIMIZERS = ("sgd", "adamw")
@@ -66,6 +68,8 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg, "data.batch_size", _positive_int, "must be a positive integer")
     _require(cfg, "data.num_workers", _non_negative_int, "must be an integer >= 0")
     _require(cfg, "data.on_bad_image", lambda v: v in ("raise", "skip"), "must be raise or skip")
+    if fmt != "folder":
+        _require(cfg, "data.label_check", lambda v: v in LABEL_CHECKS, f"must be one of {LABEL_CHECKS}")
     num_classes = _get(cfg, "data.num_classes")
     if num_classes is not None and not _positive_int(num_classes):
         raise ConfigError(f"data.num_classes must be a positive integer or null, got {num_classes!r}")
@@ -101,6 +105,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
         _require(cfg, f"trainer.{key}", _positive_int, "must be a positive integer")
     _require(cfg, "trainer.val_every", _non_negative_int, "must be an integer >= 0")
+    _require(cfg, "trainer.max_consecutive_skips", _non_negative_int, "must be an integer >= 0 (0: no bound)")
     dump = OmegaConf.select(cfg, "trainer.dump_margins_every", default=0)
     if dump is not None and not _non_negative_int(dump):
         raise ConfigError(f"trainer.dump_margins_every must be an integer >= 0, got {dump!r}")

@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional, Tuple
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.datasets import drop_skipped
 from ..data.transforms import flip_image, normalize_image
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ class AugmentedFaces(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
-        image, label = self.base[index]
+        item = self.base[index]
+        if item is None:  # a bad sample the base skipped (on_bad_image=skip)
+            return None
+        image, label = item
         flip = flip_decision(self.seed, epoch, index)
         image = normalize_image(image, flip=flip) if self.normalize else flip_image(image, flip)
         return image, int(label)
@@ -78,8 +82,9 @@ class EpochTaggedSampler(Sampler):
 class BatchStream:
     """Endless (images, labels) batches across epochs; resumable through the shard sampler.
 
-    The caller reports what a step consumed with :meth:`advance`, and the sampler's state then
-    says exactly where to continue.
+    The caller reports what a step consumed with :meth:`advance` (``batch_size`` sampler
+    positions per batch, however many samples a skip left out of it), and the sampler's state
+    then says exactly where to continue.
     """
 
     def __init__(self, dataset: AugmentedFaces, sampler, batch_size: int, num_workers: int,
@@ -96,6 +101,7 @@ class BatchStream:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=True,
+            collate_fn=drop_skipped,
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
@@ -190,12 +196,14 @@ TRAIN_IMAGE_SIZE = (112, 112)  # the aligned face crop every backbone here takes
 
 def open_dataset(data_cfg, root: Path):
     """The raw (uint8 image, label) dataset the config describes; an image that is not
-    112x112 is a bad sample (``data.on_bad_image``), named by its file or key."""
+    112x112 is a bad sample (``data.on_bad_image``), named by its file or key; a RecordIO label
+    that disagrees with the header's identity ranges does what ``data.label_check`` says."""
     from ..data import FaceRecordDataset, ImageFolderDataset
 
     if data_cfg.format == "folder":
         return ImageFolderDataset(root, on_bad_image=data_cfg.on_bad_image, image_size=TRAIN_IMAGE_SIZE)
-    return FaceRecordDataset(root, on_bad_image=data_cfg.on_bad_image, image_size=TRAIN_IMAGE_SIZE)
+    return FaceRecordDataset(root, on_bad_image=data_cfg.on_bad_image, image_size=TRAIN_IMAGE_SIZE,
+                             check_labels=str(data_cfg.label_check))
 
 
 def check_num_classes(data_cfg, dataset) -> int:

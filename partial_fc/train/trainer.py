@@ -50,6 +50,10 @@ class TrainSettings:
     channels_last: bool = False
     progress_bar: bool = True
     collective_timeout_s: Optional[float] = None  # only named in errors; the process group enforces it
+    # A run whose loss or gradient is non-finite this many steps in a row can no longer learn and
+    # ends with TrainingDivergedError (fp16's loss scaler skips a few steps early on: the bound
+    # leaves room for them). 0: no bound.
+    max_consecutive_skips: int = 25
     dump_margins_every: int = 0  # >0: rank 0 writes the classifier's per-sample stats (see dump_margins)
     # A request to checkpoint and stop (partial_fc.train.stop): when this file exists for any rank,
     # or a rank receives stop_signal, every rank ends the step it is in, writes a checkpoint and
@@ -69,6 +73,26 @@ def stop_request_for(settings: TrainSettings) -> StopRequest:
 
 class CollectiveTimeoutError(RuntimeError):
     """A collective did not complete in time: a peer hung or died."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The run cannot learn any more: its model state holds NaN/inf, or too many consecutive
+    steps had a non-finite loss or gradient. No checkpoint is written after it."""
+
+
+def first_nonfinite(named_tensors) -> Optional[str]:
+    """Name and summary of the first floating-point tensor of ``(name, tensor)`` pairs that holds
+    NaN or inf, or None. One device-to-host copy (of the flags) however many tensors there are."""
+    named = [(n, t) for n, t in named_tensors if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).cpu()
+    if bool(flags.all()):
+        return None
+    name, tensor = named[int((~flags).nonzero()[0])]
+    bad = ~torch.isfinite(tensor.detach())
+    return (f"{name} (shape {tuple(tensor.shape)}: {int(bad.sum())} of {tensor.numel()} values "
+            f"non-finite, {int(torch.isnan(tensor).sum())} NaN)")
 
 
 def _is_timeout(err: BaseException) -> bool:
@@ -158,6 +182,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
         self.step = 0
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.history: Dict[str, List] = {"val": []}
         self.samples_per_sec = 0.0
         self.writer = ckpt.CheckpointWriter(
@@ -226,6 +251,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.phase = "checkpoint (barriers around the shard writes)"
         self.sync_buffers()
+        self.check_state_finite()  # never write a checkpoint that cannot be resumed from
         manifest = {"num_classes": self.classifier.num_classes, **self.s.extra_manifest}
         path = self.writer.save(self.step, self.state() if self.rank == 0 else {},
                                 self.shard_state(), manifest, self.save_backbone if self.rank == 0 else None)
@@ -235,7 +261,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         main = ckpt.load(path / "trainer.pt")
-        self.backbone.load_state_dict(main["backbone"])
+        ckpt.load_into(self.backbone, main["backbone"], path / "trainer.pt", "backbone")
         self.optimizers[0].load_state_dict(main["backbone_optimizer"])
         self.scaler.load_state_dict(main["scaler"])
         self.batches.sampler.load_state_dict(main["sampler"])
@@ -244,8 +270,14 @@ class Trainer:
         self.history = json.loads(main["history"])
         shard, same_layout = ckpt.load_shard_rows(path, self.classifier.num_classes,
                                                   self.world_size, self.rank)
+        rows = shard["rows"]["weight"]
+        if rows.shape != self.classifier.weight.shape:
+            raise ckpt.CheckpointError(
+                f"{path}: classifier rows of rank {self.rank} are {tuple(rows.shape)} (classes x "
+                f"embedding), this run has {tuple(self.classifier.weight.shape)}; model.embedding_size "
+                "must match the checkpoint's")
         with torch.no_grad():
-            self.classifier.weight.copy_(shard["rows"]["weight"])
+            self.classifier.weight.copy_(rows)
         opt = self.optimizers[1]
         groups = opt.state_dict()["param_groups"]
         for mine, saved in zip(groups, shard["optimizer_groups"]):
@@ -261,6 +293,32 @@ class Trainer:
             seed_everything(self.s.seed * 100003 + self.rank * 7919 + self.step)
         log.info("resumed from %s at step %d (%s layout)", path, self.step,
                  "same" if same_layout else f"re-sharded to {self.world_size} ranks")
+
+    def _named_state(self):
+        """(name, tensor) of every parameter and buffer this rank holds (BatchNorm statistics
+        and the classifier shard included)."""
+        for prefix, module in (("backbone", self.backbone), ("classifier", self.classifier)):
+            for name, tensor in module.named_parameters():
+                yield f"{prefix} parameter {name}", tensor
+            for name, tensor in module.named_buffers():
+                yield f"{prefix} buffer {name}", tensor
+
+    def check_state_finite(self) -> None:
+        """Raise TrainingDivergedError on every rank when any rank's model state holds NaN/inf;
+        the message names the first such tensor (on the rank that holds it) and the step."""
+        found = first_nonfinite(self._named_state())
+        if self.group is not None:
+            flag = torch.tensor([float(found is not None)], device=self.device)
+            dist.all_reduce(flag, group=self.group)
+            if found is None and float(flag) > 0:
+                found = "a tensor of another rank (its log names it)"
+        if found is not None:
+            raise TrainingDivergedError(
+                f"rank {self.rank}: after step {self.step} the model state is non-finite: {found}. The run "
+                f"has diverged and stops without writing a checkpoint; the newest checkpoint in "
+                f"{self.writer.root} is the last good one. Lower optim.lr or set trainer.clip_grad_norm, "
+                "then resume"
+            )
 
     # ------------------------------------------------------------------ the step
     def _set_lr(self) -> float:
@@ -321,7 +379,7 @@ class Trainer:
             images, labels = self.batches.next()
             last = micro == self.s.grad_accum - 1
             losses.append(self._forward_backward(images, labels, 1.0 / self.s.grad_accum, sync=last))
-            self.batches.advance(len(labels))
+            self.batches.advance(self.batches.batch_size)  # sampler positions, skipped samples included
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
         loss = torch.stack(losses).mean()
@@ -340,8 +398,10 @@ class Trainer:
             for opt in self.optimizers:
                 self.scaler.step(opt)
             self.scaler.update()
+            self.consecutive_skips = 0
         else:  # same decision on every rank: the loss and the norm are global
             self.skipped_steps += 1
+            self.consecutive_skips += 1
             log.warning("step %d: non-finite loss or gradient (loss=%s, grad_norm=%s); skipped",
                         self.step, float(loss), float(grad_norm))
             if self.scaler.is_enabled():
@@ -349,6 +409,16 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.step += 1
+        bound = self.s.max_consecutive_skips
+        if bound and self.consecutive_skips >= bound:
+            raise TrainingDivergedError(
+                f"steps {self.step - bound + 1}..{self.step}: {bound} consecutive steps had a non-finite "
+                f"loss or gradient (last loss={float(loss)}, grad_norm={float(grad_norm)}); the run can no "
+                f"longer learn (trainer.max_consecutive_skips={bound}). Lower optim.lr or set "
+                f"trainer.clip_grad_norm, then resume from the newest checkpoint in {self.writer.root}"
+            )
+        self.phase = "check of the model state (all-reduce of a non-finite flag)"
+        self.check_state_finite()
         record = {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
                   "skipped_steps": self.skipped_steps}
         if self.scaler.is_enabled():
@@ -403,10 +473,15 @@ class Trainer:
             if self.group is not None:
                 emb = all_gather_rows(emb, group=self.group)
             metrics = evaluate_pairs(emb.cpu().numpy(), vset.issame)
+            if "failed" in metrics:  # training goes on; the state check says whether it can
+                results[f"val/{vset.name}/nonfinite"] = float(metrics["num_nonfinite"])
+                if self.rank == 0:
+                    log.warning("step %d: validation on %s failed: %s", self.step, vset.name, metrics["failed"])
+                continue
             results[f"val/{vset.name}/acc"] = float(metrics["acc"])
             results[f"val/{vset.name}/std"] = float(metrics["std"])
             for far, tar in metrics.get("tar_at_far", {}).items():
-                if far in ("1e-03", "1e-04", "0.001", "0.0001"):
+                if tar is not None and far in ("1e-03", "1e-04", "0.001", "0.0001"):
                     results[f"val/{vset.name}/tar@far={far}"] = float(tar)
         if results:
             self.history["val"].append({"step": self.step, **results})

@@ -64,8 +64,8 @@ def test_pack_list_file_resize_and_bad_images(tmp_path):
     assert summary["num_images"] == 4 and len(summary["skipped"]) == 1
     ds = FaceRecordDataset(tmp_path / "o2")
     assert [ds[i][1] for i in range(4)] == [0, 0, 1, 1]
-    assert ds[0][0].shape == (20, 24, 3)
-    assert (tmp_path / "o2" / "property").read_text().strip() == "2,20,24"
+    assert ds[0][0].shape == (24, 20, 3)  # --resize is HxW, like every size in messages and property
+    assert (tmp_path / "o2" / "property").read_text().strip() == "2,24,20"
     lst.write_text(f"{imgs[0]}\t0\n{imgs[1]}\t2\n")
     with pytest.raises(LabelError, match="identity 1 has no images"):
         pack_dataset(lst, tmp_path / "o3", progress=False)

@@ -42,7 +42,8 @@ def _write_insightface(root, images, labels, ranges=None, num_classes=None):
             w.write(i + 1, pack(IRHeader(0, float(lab), i + 1, 0), img))
         for c, (a, b) in enumerate(ranges):
             w.write(n + 1 + c, pack(IRHeader(0, [a, b], 0, 0), b""))
-    (root / "property").write_text(f"{classes},112,112")
+    h, w = decode_image(images[0]).shape[:2]
+    (root / "property").write_text(f"{classes},{h},{w}")
     return root
 
 
@@ -140,9 +141,8 @@ def test_bad_image_raise_and_skip(tmp_path):
     with pytest.raises(BadSampleError, match=r"train\.rec: key 3: offset \d+: cannot decode"):
         ds[2]
     skip = FaceRecordDataset(root, on_bad_image="skip", return_key=True)
-    image, label, key = skip[2]
-    assert (label, key) == (1, 4)  # the next usable sample, with its own label
-    assert [skip[i][1] for i in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert skip[2] is None  # left out; no other sample stands in for it (none is served twice)
+    assert [None if item is None else item[2] for item in (skip[i] for i in range(6))] == [1, 2, None, 4, 5, 6]
     assert skip.skipped == 2 and skip.skipped_indices == [2, 2]
 
 
@@ -158,7 +158,7 @@ def test_an_image_of_another_size_is_a_bad_sample_named_by_key_or_path(tmp_path)
                                              rf"{size[1]}, expected {size[0]}x{size[1]}"):
         strict[1]
     skip = FaceRecordDataset(root, image_size=size, on_bad_image="skip", return_key=True)
-    assert skip[1][1:] == (1, 3) and skip.skipped == 1  # the next usable sample, its own label
+    assert skip[1] is None and skip[2][1:] == (1, 3) and skip.skipped == 1
     folder = make_identity_folder(tmp_path / "faces", num_ids=2, per_id=(2,), size=(40, 32))
     odd = folder / "person_b" / "img_01.jpg"
     odd.write_bytes(jpeg_bytes(np.zeros((30, 40, 3), np.uint8)))
@@ -174,10 +174,12 @@ def test_label_checks(tmp_path):
     root = _write_insightface(tmp_path / "a", imgs, [0, 0, 1, 5], ranges=[(1, 3), (3, 5)], num_classes=2)
     with pytest.raises(LabelError, match=r"key 4: offset \d+: label 5 outside \[0, 2\)"):
         FaceRecordDataset(root, on_bad_image="skip")[3]
-    # a label that contradicts the identity ranges of the header
+    # a label that disagrees with the identity ranges of the header: the label is used unless raise
     root = _write_insightface(tmp_path / "b", imgs, [0, 1, 1, 1], ranges=[(1, 3), (3, 5)], num_classes=2)
-    with pytest.raises(BadSampleError, match="contradicts the header"):
-        FaceRecordDataset(root)[1]
+    assert FaceRecordDataset(root)[1][1] == 1
+    with pytest.raises(LabelError, match=r"key 2: offset \d+: label 1, but key 2 lies in identity 0's "
+                                         r"range \[1, 3\)"):
+        FaceRecordDataset(root, check_labels="raise")[1]
     # an identity without images
     root = _write_insightface(tmp_path / "c", imgs, [0, 0, 2, 2], num_classes=3)
     with pytest.raises(LabelError, match=r"identity 1 has no images"):

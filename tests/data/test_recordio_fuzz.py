@@ -99,7 +99,7 @@ def _check_dataset(root, fx, damaged_key) -> int:
         for i in indices:
             key = ds.key_of(i)
             try:
-                image, label, got_key = ds[i]
+                item = ds[i]
             except RecordIOError as err:
                 assert key == damaged_key and f"key {key}" in str(err)
                 continue
@@ -108,6 +108,11 @@ def _check_dataset(root, fx, damaged_key) -> int:
                 assert key == damaged_key and f"key {key}" in str(err), str(err)
                 bad += 1
                 continue
+            if item is None:  # skipped, and nothing served in its place
+                assert policy == "skip" and key == damaged_key
+                bad += 1
+                continue
+            image, label, got_key = item
             assert label == fx.labels[got_key], "label shifted"
             assert got_key == key or key == damaged_key
             assert image.dtype == np.uint8 and image.ndim == 3

@@ -160,7 +160,7 @@ def test_extract_refuses_unaligned_sizes_unless_asked(demo, tmp_path):
     folder.mkdir()
     Image.fromarray(np.zeros((120, 130, 3), np.uint8)).save(folder / "a.png")
     out = tmp_path / "f.npy"
-    with pytest.raises(ValueError, match="a.png is 130x120"):
+    with pytest.raises(ValueError, match=r"a.png is 120x130 \(HxW\), the model takes 112x112"):
         extract_tool.main([str(demo["ckpt"]), str(folder), str(out)])
     assert extract_tool.main([str(demo["ckpt"]), str(folder), str(out), "--resize",
                               "--no-normalize", "--no-flip"]) == 0
@@ -200,3 +200,30 @@ def test_launch_scripts_and_help(capsys):
             sys.argv = argv
         assert done.value.code == 0
         assert f"pfc-{tool}" in capsys.readouterr().out
+
+
+def test_eval_names_unresolvable_fars_and_fails_a_diverged_model(demo, tmp_path, capsys):
+    """37 pairs hold 18 negative pairs: TAR@FAR below 1/18 cannot be measured, and says so."""
+    out = tmp_path / "ok"
+    assert eval_tool.main([str(demo["ckpt"]), str(demo["bins"][0]), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    tars = json.loads((out / "eval.json").read_text())["sets"]["synth_a"]["tar_at_far"]
+    _, issame = load_bin(demo["bins"][0], progress=False)
+    negatives = int((~issame).sum())
+    for key, value in tars.items():
+        if negatives * float(key) >= 1:
+            assert isinstance(value, float)
+        else:
+            assert value == f"n/a (needs >= {round(1 / float(key)):,} negative pairs)" and value in printed
+    assert isinstance(tars["0.1"], float) and tars["0.01"].startswith("n/a")
+
+    model = load_backbone(demo["ckpt"])
+    with torch.no_grad():  # a diverged model: NaN BatchNorm statistics
+        next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(float("nan"))
+    save_backbone(tmp_path / "nan" / "backbone.pt", model, "tiny", {"embedding_size": 128})
+    out = tmp_path / "nan_eval"
+    assert eval_tool.main([str(tmp_path / "nan"), *map(str, demo["bins"]), "-o", str(out)]) == 1
+    printed = capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())["sets"]
+    assert report["synth_a"]["num_nonfinite"] == 74 and report["synth_b"]["num_nonfinite"] == 48
+    assert "synth_a: 74 of 74 embeddings are non-finite" in printed and "FAILED" in printed

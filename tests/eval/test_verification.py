@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_synthetic_faces import make_pairs, write_bin  # noqa: E402
 
 from partial_fc.eval import evaluate_bins, load_bin, load_verification_set, metrics  # noqa: E402
+from partial_fc.eval.verification import evaluate_pairs  # noqa: E402
 from partial_fc.eval import verification  # noqa: E402
 from partial_fc.models import get_model  # noqa: E402
 
@@ -52,8 +53,22 @@ def test_evaluate_bins_matches_reference_and_restores_mode(small_bin):
     np.testing.assert_allclose(result["scores"], np.sum(emb[0::2] * emb[1::2], axis=1), atol=1e-5)
     expected_tars = metrics.tar_at_far(np.sum(emb[0::2] * emb[1::2], axis=1), issame)
     assert set(result["tar_at_far"]) == {"1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"}
-    for far, tar in expected_tars.items():
-        assert result["tar_at_far"][metrics.far_key(far)] == pytest.approx(tar)
+    negatives = int((~issame).sum())
+    for far, tar in expected_tars.items():  # a FAR below 1/negatives cannot be measured: None
+        expected = tar if negatives * far >= 1 else None
+        assert result["tar_at_far"][metrics.far_key(far)] == pytest.approx(expected)
+    assert result["tar_at_far"]["0.1"] is not None and result["tar_at_far"]["0.01"] is None
+
+
+def test_nonfinite_embeddings_fail_the_set_with_a_count_instead_of_a_traceback():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8))
+    emb[[3, 7, 8]] = np.nan
+    emb[11, 2] = np.inf
+    issame = np.arange(20) % 2 == 0
+    result = evaluate_pairs(emb, issame)
+    assert result == {"failed": "4 of 40 embeddings are non-finite (NaN/inf): the model has diverged",
+                      "num_nonfinite": 4, "num_pairs": 20}
 
 
 def test_evaluate_bins_without_flip_uses_the_image_only(small_bin):

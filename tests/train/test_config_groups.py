@@ -26,7 +26,7 @@ def test_every_member_composes_and_validates(group):
     assert members, f"conf/{group} is empty"
     for member in members:
         overrides = [f"experiment={member}"] if group == "experiment" else [f"{group}={member}"]
-        if group == "data" and member == "folder":
+        if group == "data" and member in ("folder", "rec"):
             overrides.append("data.root=/some/faces")
         cfg = _compose(overrides)
         OmegaConf.resolve(cfg)
@@ -58,6 +58,8 @@ def test_experiment_presets_override_groups():
         ("optim.lr=-1", "optim.lr"),
         ("data.num_classes=-3", "data.num_classes"),
         ("trainer.grad_accum=0", "trainer.grad_accum"),
+        ("data.label_check=maybe", "data.label_check"),
+        ("trainer.max_consecutive_skips=-1", "trainer.max_consecutive_skips"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -75,3 +77,11 @@ def test_folder_data_needs_a_root():
     cfg = _compose(["data=folder"])
     with pytest.raises(ConfigError, match=r"data\.root"):
         validate_config(cfg)
+
+
+def test_own_recordio_set_is_data_rec_with_its_root():
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        validate_config(_compose(["data=rec"]))
+    cfg = _compose(["data=rec", "data.root=/my/set"])
+    validate_config(cfg)
+    assert (cfg.data.format, cfg.data.num_classes, cfg.data.label_check) == ("recordio", None, "warn")
