@@ -42,9 +42,11 @@ nproc="${PFC_NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
 
 # Slurm signals every process of the step (scancel --signal, preemption, --signal without B:),
 # this agent included. The agent must outlive the stop signal while the ranks checkpoint, so it
-# ignores it (inherited across exec; torchrun is told not to take SIGTERM over); the ranks install
+# ignores it (inherited across exec; torchrun's --signals-to-handle leaves it out, so torchrun
+# does not take it over); the ranks install
 # their own handler (trainer.stop_signal), and their data workers ignore it (partial_fc.train.stop).
 stop_signal="${PFC_STOP_SIGNAL:-SIGUSR1}"
+handled="SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default: shut the workers down and fail
 for arg in "$@"; do
     case "$arg" in trainer.stop_signal=*) stop_signal="${arg#*=}" ;; esac
 done
@@ -52,12 +54,7 @@ case "$stop_signal" in
     null|None|none|"") ;;
     SIG[A-Z]*[A-Z0-9])
         trap '' "${stop_signal#SIG}"
-        # torchrun's own handlers (TORCHELASTIC_SIGNALS_TO_HANDLE), less the stop signal.
-        handled=""
-        for sig in SIGTERM SIGINT SIGHUP SIGQUIT; do
-            [[ "$sig" == "$stop_signal" ]] || handled="${handled:+$handled,}$sig"
-        done
-        export TORCHELASTIC_SIGNALS_TO_HANDLE="$handled" ;;
+        handled="$(tr ',' '\n' <<< "$handled" | grep -vx "$stop_signal" | paste -sd, -)" ;;
     *)
         echo "torchrun_cmd.sh: the stop signal must be a name such as SIGUSR1 or null, got '$stop_signal'" >&2
         exit 2 ;;
@@ -78,6 +75,7 @@ cmd=(
     --rdzv-id="$rdzv_id"
     --rdzv-conf="is_host=$is_host,join_timeout=${PFC_JOIN_TIMEOUT:-900}"
     --max-restarts="${PFC_MAX_RESTARTS:-0}"
+    --signals-to-handle="$handled"
 )
 if [[ -n "${PFC_LOCAL_ADDR:-}" ]]; then
     cmd+=(--local-addr="$PFC_LOCAL_ADDR")

@@ -137,7 +137,8 @@ class StopRequest:
         """After the checkpoint of the stopping step: write the marker (when the run stopped
         before its end) and remove the stop file. Every rank does it: the file may be node-local."""
         try:
-            if unfinished:
+            if unfinished:  # also after a signal, when no one created the file (or its folder)
+                self.marker.parent.mkdir(parents=True, exist_ok=True)
                 self.marker.write_text(f"{step}\n")
             self.path.unlink(missing_ok=True)
         except OSError as err:
