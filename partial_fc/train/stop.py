@@ -29,7 +29,9 @@ def _ignore_unless_from_parent(signum: int) -> None:
     But ``Pool.terminate()`` and ``Process.terminate()`` end children with SIGTERM, which must keep
     working with ``trainer.stop_signal=SIGTERM``. A Python handler cannot see the sender, so the
     signal stays blocked in every thread and one watcher thread takes it with ``sigwaitinfo``,
-    which reports the sender's pid. Children started by exec (``spawn``) do not inherit any of it.
+    which reports the sender's pid. Programs such a child execs inherit the blocked signal;
+    children started by exec (multiprocessing's ``spawn``) inherit nothing and keep the signal's
+    default action (Linux's DataLoader and Pool fork).
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
 
