@@ -118,7 +118,14 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel every job, then TERM (and, if need be, KILL) the daemons by their pids."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            # Jobs' processes belong to slurmstepd, which outlives slurmd: end them first.
             self.run(["scancel", "--full", f"--partition={PARTITION}"], check=False)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                queue = self.run(["squeue", "-h", "-t", "all", "-o", "%T"], check=False).stdout.split()
+                if not set(queue) & {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED"}:
+                    break
+                time.sleep(0.5)
         for name in reversed(DAEMONS):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
