@@ -43,8 +43,8 @@ nproc="${PFC_NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
 # Slurm signals every process of the step (scancel --signal, preemption, --signal without B:),
 # this agent included. The agent must outlive the stop signal while the ranks checkpoint, so it
 # ignores it (inherited across exec; torchrun's --signals-to-handle leaves it out, so torchrun
-# does not take it over); the ranks install
-# their own handler (trainer.stop_signal), and their data workers ignore it (partial_fc.train.stop).
+# does not take it over). The ranks install their own handler (trainer.stop_signal, passed below
+# so agent and ranks agree), and their data workers ignore it (partial_fc/train/stop.py).
 stop_signal="${PFC_STOP_SIGNAL:-SIGUSR1}"
 handled="SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default: shut the workers down and fail
 for arg in "$@"; do
