@@ -84,9 +84,12 @@ pfc_request_stop() {
     PFC_STOP_WATCHDOG=$!
 }
 
-# After the step ($1: its exit status): stop the watchdog; after a stop request requeue when the
-# training stopped unfinished (it leaves "<stop file>.stopped") or the step failed, not when it
-# simply finished; remove the stop file (a request never seen must not stop the next start).
+# After the step ($1: its exit status): stop the watchdog; requeue when the training stopped
+# unfinished at a stop request (it leaves "<stop file>.stopped"), whoever asked: this shell's
+# SIGUSR1, or a signal Slurm sent every process of the step (`scancel --signal=USR1 <job>`,
+# trainer.stop_signal=SIGTERM at preemption); after this shell's request, also when the step
+# failed, not when the run simply finished. Remove the stop file (a request never seen must not
+# stop the next start).
 pfc_after_step() {
     local rc="${1:-0}"
     if [[ -n "${PFC_STOP_WATCHDOG:-}" ]]; then
@@ -94,12 +97,12 @@ pfc_after_step() {
         wait "$PFC_STOP_WATCHDOG" 2>/dev/null || true
         PFC_STOP_WATCHDOG=
     fi
-    if (( PFC_STOP_REQUESTED && ! PFC_REQUEUED )); then
-        if [[ -e "$PFC_STOP_FILE.stopped" ]]; then
+    if (( ! PFC_REQUEUED )); then
+        if [[ -n "${PFC_STOP_FILE:-}" && -e "$PFC_STOP_FILE.stopped" ]]; then
             pfc_requeue "the training stopped at the checkpoint of step $(head -c 20 "$PFC_STOP_FILE.stopped" | tr -d '\n')"
-        elif (( rc != 0 )); then
+        elif (( PFC_STOP_REQUESTED && rc != 0 )); then
             pfc_requeue "the step ended with status $rc after the stop request"
-        else
+        elif (( PFC_STOP_REQUESTED )); then
             echo "[pfc $(date '+%F %T')] the training finished before it acted on the stop request; not requeueing" >&2
         fi
     fi

@@ -12,7 +12,9 @@
 #   PFC_RDZV_ID         id shared by the agents of one job                  [SLURM_JOB_ID, else pfc]
 #   PFC_NODE_RANK       this node's index; node 0 hosts the rendezvous store [SLURM_NODEID, else 0]
 #   PFC_NNODES          nodes, or min:max for an elastic job                [SLURM_JOB_NUM_NODES, else 1]
-#   PFC_NPROC_PER_NODE  workers (GPUs) per node                             [SLURM_GPUS_ON_NODE, else gpu]
+#   PFC_NPROC_PER_NODE  workers per node                     [SLURM_GPUS_ON_NODE when > 0, else 1]
+#   PFC_STOP_SIGNAL     the signal that asks the ranks to checkpoint and stop (trainer.stop_signal;
+#                       a trainer.stop_signal=... argument wins; null: none)  [SIGUSR1]
 #   PFC_MAX_RESTARTS    times torchrun restarts a failed worker group       [0]
 #   PFC_JOIN_TIMEOUT    seconds the rendezvous waits for all nodes          [900]
 #   PFC_LOCAL_ADDR      address other nodes reach this one by (--local-addr) [unset: its hostname]
@@ -35,7 +37,28 @@ rdzv_port="${PFC_RDZV_PORT:-29400}"
 rdzv_id="${PFC_RDZV_ID:-${SLURM_JOB_ID:-pfc}}"
 node_rank="${PFC_NODE_RANK:-${SLURM_NODEID:-0}}"
 nnodes="${PFC_NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
-nproc="${PFC_NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-gpu}}"
+gpus="${SLURM_GPUS_ON_NODE:-0}"
+nproc="${PFC_NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}"
+
+# Slurm signals every process of the step (scancel --signal, preemption, --signal without B:),
+# this agent included. The agent must outlive the stop signal while the ranks checkpoint, so it
+# ignores it (inherited across exec; torchrun's --signals-to-handle leaves it out, so torchrun
+# does not take it over). The ranks install their own handler (trainer.stop_signal, passed below
+# so agent and ranks agree), and their data workers ignore it (partial_fc/train/stop.py).
+stop_signal="${PFC_STOP_SIGNAL:-SIGUSR1}"
+handled="SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's default: shut the workers down and fail
+for arg in "$@"; do
+    case "$arg" in trainer.stop_signal=*) stop_signal="${arg#*=}" ;; esac
+done
+case "$stop_signal" in
+    null|None|none|"") ;;
+    SIG[A-Z]*[A-Z0-9])
+        trap '' "${stop_signal#SIG}"
+        handled="$(tr ',' '\n' <<< "$handled" | grep -vx "$stop_signal" | paste -sd, -)" ;;
+    *)
+        echo "torchrun_cmd.sh: the stop signal must be a name such as SIGUSR1 or null, got '$stop_signal'" >&2
+        exit 2 ;;
+esac
 
 # Node 0 hosts the rendezvous TCP store; the others only connect. Saying so explicitly (instead
 # of torchrun's guess from matching PFC_RDZV_HOST against local addresses) keeps it right when
@@ -52,11 +75,12 @@ cmd=(
     --rdzv-id="$rdzv_id"
     --rdzv-conf="is_host=$is_host,join_timeout=${PFC_JOIN_TIMEOUT:-900}"
     --max-restarts="${PFC_MAX_RESTARTS:-0}"
+    --signals-to-handle="$handled"
 )
 if [[ -n "${PFC_LOCAL_ADDR:-}" ]]; then
     cmd+=(--local-addr="$PFC_LOCAL_ADDR")
 fi
-cmd+=("$train_py" trainer.resume=auto "$@")
+cmd+=("$train_py" trainer.resume=auto "trainer.stop_signal=$stop_signal" "$@")
 
 if [[ "${PFC_DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${cmd[@]}"

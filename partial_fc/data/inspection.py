@@ -85,7 +85,7 @@ def inspect_dataset(root: PathLike, verify: bool = False, progress: bool = True,
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(iterator, desc="verifying" if verify else "reading labels", unit="rec", leave=False)
+        bar = tqdm(iterator, desc="verifying" if verify else "reading labels", unit="rec", leave=False, disable=None)
         iterator = bar
     for i in iterator:
         key = ds.key_of(i)

@@ -204,7 +204,7 @@ def pack_images(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tasks), desc=f"packing {out.name}", unit="img", leave=False)
+        bar = tqdm(total=len(tasks), desc=f"packing {out.name}", unit="img", leave=False, disable=None)
     results = imap_ordered(_load_image, tasks, workers, chunksize=16)
 
     rec_path, idx_path = out / f"{prefix}.rec", out / f"{prefix}.idx"

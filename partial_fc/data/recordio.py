@@ -494,7 +494,7 @@ class RecordIOReader:
                 from tqdm import tqdm
 
                 bar = tqdm(total=self._file_size, unit="B", unit_scale=True,
-                           desc=f"indexing {self.rec_path.name}", leave=False)
+                           desc=f"indexing {self.rec_path.name}", leave=False, disable=None)
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 bar = None
         pos = 0

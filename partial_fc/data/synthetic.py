@@ -89,7 +89,7 @@ def _render_iter(jobs, jitter, workers, desc, progress, chunk=32):
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc=desc, unit="img", leave=False)
+        bar = tqdm(total=len(jobs), desc=desc, unit="img", leave=False, disable=None)  # None: no bar off a terminal
     results = imap_ordered(_render_chunk, tasks, workers)
     try:
         for batch in results:

@@ -45,6 +45,14 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def slurm_port(job_id: int) -> int:
+    """The port the ranks of Slurm job ``job_id`` meet on when ``MASTER_PORT`` is unset:
+    ``20000 + job_id % 10000``, as in launch/slurm/train.sbatch. Distinct for jobs sharing a node
+    (up to 10000 apart) and below Linux's ephemeral range (``ip_local_port_range``, 32768-60999),
+    where an outgoing connection could already hold it."""
+    return 20000 + int(job_id) % 10000
+
+
 def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     """Read the rank layout from torchrun's (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or Slurm's
     (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``) variables; a plain process otherwise."""
@@ -71,7 +79,7 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             local_world_size=local_world,
             master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodes),
-            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            master_port=int(env.get("MASTER_PORT") or slurm_port(job_id)),
             launcher="slurm",
         )
     return DistEnv()

@@ -7,6 +7,7 @@ step), which tells a batch script to requeue the job (launch/slurm/requeue.sh).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -17,6 +18,35 @@ from pathlib import Path
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
+
+
+def _ignore_unless_from_parent(signum: int) -> None:
+    """In a child forked while the stop handler is in place (a DataLoader or pool worker): ignore
+    ``signum`` from anyone but the parent, end by it (its default action) when the parent sends it.
+
+    Slurm (``scancel --signal``, preemption, ``--signal`` without ``B:``) signals every process
+    of a step, workers included; the rank checkpoints, and its workers must outlive the request.
+    But ``Pool.terminate()`` and ``Process.terminate()`` end children with SIGTERM, which must keep
+    working with ``trainer.stop_signal=SIGTERM``. A Python handler cannot see the sender, so the
+    signal stays blocked in every thread and one watcher thread takes it with ``sigwaitinfo``,
+    which reports the sender's pid. Programs such a child execs inherit the blocked signal;
+    children started by exec (multiprocessing's ``spawn``) inherit nothing and keep the signal's
+    default action (Linux's DataLoader and Pool fork).
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+
+    def watch():
+        while True:
+            info = signal.sigwaitinfo({signum})
+            if info.si_pid == os.getppid():
+                # signal.signal() works in the main thread only, which may be blocked in a
+                # queue read: restore the default action through libc and re-raise it here.
+                ctypes.CDLL(None, use_errno=True).signal(int(signum), 0)  # 0: SIG_DFL
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+                signal.pthread_kill(threading.get_ident(), signum)  # ends the process
+                return
+
+    threading.Thread(target=watch, name=f"pfc-{signal.Signals(signum).name}-watch", daemon=True).start()
 
 
 class StopRequest:
@@ -37,6 +67,8 @@ class StopRequest:
         self.signalled = False
         self._polled_at = -math.inf
         self._installed = False
+        self._fork_hook_registered = False  # os.register_at_fork cannot be undone: once
+        self._handler = None
 
     @property
     def marker(self) -> Path:
@@ -53,16 +85,19 @@ class StopRequest:
         owner = os.getpid()
 
         def on_signal(received, frame):
-            if os.getpid() != owner:
-                # A forked child (a DataLoader or pool worker) inherited the handler: the signal
-                # keeps its default meaning there, or Pool.terminate()'s SIGTERM would never end it.
-                signal.signal(received, signal.SIG_DFL)
-                os.kill(os.getpid(), received)
-                return
-            self.signalled = True  # acted on at the end of the current step
+            if os.getpid() == owner:
+                self.signalled = True  # acted on at the end of the current step
+            # else: a forked child before its watcher took over; the parent acts on it
 
+        def in_forked_child():
+            if self._installed and signal.getsignal(signum) is self._handler:
+                _ignore_unless_from_parent(signum)
+
+        if not self._fork_hook_registered:
+            os.register_at_fork(after_in_child=in_forked_child)
+            self._fork_hook_registered = True
         previous = signal.signal(signum, on_signal)
-        self._installed = True
+        self._handler, self._installed = on_signal, True
 
         def restore():
             signal.signal(signum, previous)
@@ -104,7 +139,8 @@ class StopRequest:
         """After the checkpoint of the stopping step: write the marker (when the run stopped
         before its end) and remove the stop file. Every rank does it: the file may be node-local."""
         try:
-            if unfinished:
+            if unfinished:  # also after a signal, when no one created the file (or its folder)
+                self.marker.parent.mkdir(parents=True, exist_ok=True)
                 self.marker.write_text(f"{step}\n")
             self.path.unlink(missing_ok=True)
         except OSError as err:

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -48,7 +49,7 @@ class TrainSettings:
     poly_power: float = 2.0
     min_lr_factor: float = 0.0
     channels_last: bool = False
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal; elsewhere a log line per log_every steps
     collective_timeout_s: Optional[float] = None  # only named in errors; the process group enforces it
     # A run whose loss or gradient is non-finite this many steps in a row can no longer learn and
     # ends with TrainingDivergedError (fp16's loss scaler skips a few steps early on: the bound
@@ -497,7 +498,8 @@ class Trainer:
         end = self.s.stop_at if self.s.stop_at is not None else self.s.max_steps
         self.logger = MetricLogger(self.s.run_dir, enabled=self.rank == 0, resume_step=self.step)
         bar = None
-        if self.rank == 0 and self.s.progress_bar:
+        # A bar on a terminal; into a file (slurm-*.out, a pipe) a log line per log interval.
+        if self.rank == 0 and self.s.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
@@ -553,6 +555,9 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{self.samples_per_sec:.0f}")
+                elif self.rank == 0:
+                    log.info("step %d/%d: loss %.4f, %.0f samples/s", self.step, end, record["loss"],
+                             self.samples_per_sec)
             if bar is not None:
                 bar.update(1)
             at_end = self.step == end

@@ -50,8 +50,37 @@ def test_torchrun_command_of_each_node(node):
     conf = dict(kv.split("=") for kv in flags["--rdzv-conf"].split(","))
     assert conf["is_host"] == ("1" if node == 0 else "0")  # only node 0 hosts the store
     script = argv.index(str(REPO / "launch" / "train.py"))
-    # resume=auto first, so the user's own later override wins in Hydra
-    assert argv[script + 1:] == ["trainer.resume=auto", "model=r100", "trainer.resume=none"]
+    # resume=auto and the stop signal first, so the user's own later override wins in Hydra
+    assert argv[script + 1:] == ["trainer.resume=auto", "trainer.stop_signal=SIGUSR1", "model=r100",
+                                 "trainer.resume=none"]
+    assert flags["--signals-to-handle"] == "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # USR1 is left alone
+
+
+def test_torchrun_command_on_a_node_without_gpus_starts_one_worker():
+    argv = _dry_run(dict(PFC_RDZV_HOST="h", SLURM_CPUS_ON_NODE="2"))
+    assert _flags(argv)["--nproc-per-node"] == "1"
+    argv = _dry_run(dict(PFC_RDZV_HOST="h", SLURM_GPUS_ON_NODE="0", PFC_NPROC_PER_NODE="3"))
+    assert _flags(argv)["--nproc-per-node"] == "3"
+
+
+@pytest.mark.parametrize("env_signal,args,expected,handled", [
+    ({}, ["trainer.stop_signal=SIGTERM"], "SIGTERM", "SIGINT,SIGHUP,SIGQUIT"),
+    ({"PFC_STOP_SIGNAL": "SIGTERM"}, [], "SIGTERM", "SIGINT,SIGHUP,SIGQUIT"),
+    ({"PFC_STOP_SIGNAL": "SIGTERM"}, ["trainer.stop_signal=null"], "null", "SIGTERM,SIGINT,SIGHUP,SIGQUIT"),
+])
+def test_torchrun_leaves_the_stop_signal_to_the_ranks(env_signal, args, expected, handled):
+    """The agent must outlive the stop signal Slurm sends every process of the step, and the
+    ranks must get the same signal as the agent leaves alone (the command line's wins)."""
+    argv = _dry_run(dict(PFC_RDZV_HOST="h", **env_signal), *args)
+    assert _flags(argv)["--signals-to-handle"] == handled
+    assert [a for a in argv if a.startswith("trainer.stop_signal=")][-1] == f"trainer.stop_signal={expected}"
+
+
+def test_torchrun_command_refuses_a_stop_signal_that_is_not_a_name():
+    env = launcher_env({"PFC_DRY_RUN": "1", "PFC_RDZV_HOST": "h"})
+    out = subprocess.run(["bash", str(TORCHRUN_CMD), "trainer.stop_signal=15"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "got '15'" in out.stderr
 
 
 def test_torchrun_command_needs_the_rendezvous_host():
@@ -68,6 +97,10 @@ def test_sbatch_asks_for_the_requeue_signal_and_one_agent_per_node():
     assert re.fullmatch(r"B:USR1@\d+", directives["signal"])  # to the batch shell, where the trap is
     assert "requeue" in directives and directives["open-mode"] == "append"
     assert directives["ntasks-per-node"] == "1"
+    # Any node: no GRES or CPU count asked for (sbatch --gpus-per-node=N adds GPUs), and the
+    # output in logs/ (in the repository, contents ignored), not the repository root.
+    assert not {"gpus-per-node", "gres", "gpus", "cpus-per-task"} & set(directives)
+    assert directives["output"].startswith("logs/") and (REPO / "logs" / ".gitignore").is_file()
     for script in (SBATCH, TORCHRUN_CMD, REQUEUE):
         check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert check.returncode == 0, f"{script}: {check.stderr}"
@@ -260,3 +293,17 @@ def test_sbatch_trains_on_two_nodes_and_a_requeued_job_resumes(tmp_path):
     trained = [step for step, kind in records if kind == "train"]
     assert trained == sorted(set(trained)) and trained[-1] == steps
     assert scontrol_log.read_text().count("requeue 4242") == 1  # no requeue without a signal
+
+
+@pytest.mark.parametrize("job_id", [1, 4242, 12345, 29999, 4294967])
+def test_the_port_of_a_slurm_job_lies_below_the_ephemeral_range(job_id):
+    """Ranks started by srun without torchrun meet at the port train.sbatch derives for its
+    rendezvous: below Linux's ephemeral range (32768-60999), where an outgoing connection
+    could already hold it."""
+    from partial_fc.train.env import detect_env, slurm_port
+
+    env = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1",
+                      "SLURM_JOB_ID": str(job_id)})
+    assert env.master_port == slurm_port(job_id) == 20000 + job_id % 10000
+    assert 20000 <= env.master_port < 32768
+    assert "$((20000 + ${SLURM_JOB_ID:-0} % 10000))" in SBATCH.read_text()

@@ -181,7 +181,7 @@ def _sleep_long():
 
 def test_forked_children_keep_the_default_meaning_of_the_signal(tmp_path):
     """Workers forked after install() (DataLoader, packing pools) inherit the handler; there the
-    signal must still end them, or Pool.terminate() with stop_signal=SIGTERM would hang."""
+    parent's signal must still end them, or Pool.terminate() with stop_signal=SIGTERM would hang."""
     import multiprocessing as mp
 
     restore = StopRequest(tmp_path / "STOP", signal_name="SIGTERM").install()
@@ -198,3 +198,36 @@ def test_forked_children_keep_the_default_meaning_of_the_signal(tmp_path):
     finally:
         restore()
     assert not alive and child.exitcode == -signal.SIGTERM
+
+
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGTERM"])
+def test_forked_children_outlive_the_signal_from_outside_and_still_end_by_the_parents(tmp_path, name):
+    """Slurm signals every process of a step: a forked worker ignores the signal from another
+    process (here a `kill` the test runs, as slurmstepd would), keeps working, and still ends
+    by the same signal from its parent (Process.terminate(), Pool.terminate())."""
+    import multiprocessing as mp
+    import subprocess
+
+    signum = signal.Signals[name]
+    request = StopRequest(tmp_path / "STOP", signal_name=name)
+    restore = request.install()
+    ctx = mp.get_context("fork")
+    try:
+        child = ctx.Process(target=_sleep_long)
+        child.start()
+        time.sleep(1.0)  # the watcher thread is up (it starts in the fork hook, before the target)
+        subprocess.run(["kill", f"-{signum.name[3:]}", str(child.pid)], check=True)
+        time.sleep(1.0)
+        survived = child.is_alive()
+        child.terminate() if signum == signal.SIGTERM else os.kill(child.pid, signum)
+        child.join(timeout=20)
+        ended = not child.is_alive()
+        if not ended:
+            child.kill()
+            child.join()
+        with ctx.Pool(2) as pool:  # __exit__ is Pool.terminate()
+            assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+    finally:
+        restore()
+    assert survived and ended and child.exitcode == -signum
+    assert not request.signalled  # a child's signal is not the parent's request
