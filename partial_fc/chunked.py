@@ -80,6 +80,14 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out=None) 
     return (a @ b).to(out_dtype)
 
 
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b (in place when the dtypes allow, else through an fp32 product)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += _matmul(a, b, acc.dtype)
+
+
 def _tile_buffer(rows: int, blocks: "_Blocks", device) -> torch.Tensor:
     """One reusable [rows x block] buffer (fresh large allocations page-fault on CPU)."""
     return torch.empty(rows * min(blocks.block_size, blocks.count), dtype=blocks.work, device=device)
@@ -104,7 +112,8 @@ class _Blocks:
         for start in range(0, self.count, self.block_size):
             yield start, min(start + self.block_size, self.count)
 
-    def _raw(self, local: slice | torch.Tensor) -> torch.Tensor:
+    def raw_rows(self, local: slice | torch.Tensor) -> torch.Tensor:
+        """The given scored rows as stored (not normalised), in the working dtype."""
         if self.row_index is None:
             rows = self.weight[local] if isinstance(local, slice) else self.weight.index_select(0, local)
         else:
@@ -116,13 +125,9 @@ class _Blocks:
 
         Only this block's rows are normalised (a [block x D] temporary, cheaper than scaling the
         [rows x block] tile whenever D < rows); the weight itself is never copied whole."""
-        rows = self._raw(local)
+        rows = self.raw_rows(local)
         unit, norm = _normalize_rows(rows)
         return unit, (unit if self.gemm == self.work else unit.to(self.gemm)), norm
-
-    def raw_rows(self, local: slice) -> torch.Tensor:
-        """The given scored rows as stored (not normalised), in the working dtype."""
-        return self._raw(local)
 
     def target_columns(self, start: int, stop: int, rows: int):
         """([rows] int64: each row's target column within [start, stop) or -1, the owned
@@ -248,10 +253,7 @@ def _eager_backward_sweep(head, blocks, prep, e_gemm, e_scaled, w_norm, row_max,
         del cos, outside
         grad_gemm = grad.to(gemm)
         if grad_unit is not None:
-            if grad_gemm.dtype == work:
-                grad_unit.addmm_(grad_gemm, w_gemm)
-            else:
-                grad_unit += _matmul(grad_gemm, w_gemm, work)
+            _add_matmul_(grad_unit, grad_gemm, w_gemm)
         if grad_weight is not None:
             grad_w_unit = _matmul(grad_gemm.t(), e_scaled, work)
             norm = w_norm[start:stop]
@@ -285,10 +287,7 @@ def _fused_backward_sweep(tiles, head, blocks, prep, e_gemm, e_scaled, w_norm, r
         grad_gemm = tiles.backward(raw, inv_norm, target_col, coef, prep, row_max,
                                    _tile(grad_buffer, rows, stop - start))
         if grad_unit is not None:
-            if grad_gemm.dtype == work:
-                grad_unit.addmm_(grad_gemm, w_gemm)
-            else:
-                grad_unit += _matmul(grad_gemm, w_gemm, work)
+            _add_matmul_(grad_unit, grad_gemm, w_gemm)
         if grad_weight is not None:
             x = _matmul(grad_gemm.t(), e_scaled, work)
             keep = (norm >= NORM_EPS).to(work)
