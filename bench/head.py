@@ -3,7 +3,7 @@ SGD-momentum update of one device's class shard, for a synthetic global batch.
 
     python bench/head.py --device cpu --classes 100000 --batch 1024 --head npcface --impl chunked
 
-Every measured step is followed by the bare GEMMs of that step's shapes (``gemm_floor_ms``,
+Every step is preceded by the bare GEMMs of that step's shapes (``gemm_floor_ms``,
 median; see :func:`gemm_floor`), so ``floor_ratio`` = ms / gemm_floor_ms compares the step with
 its three-GEMM floor measured under the same machine load.
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .chunked import chunked_margin_loss
-from .fused_tiles import FusedTiles, compiler_unavailable_reason
 from .distributed import ProcessGroupInfo, all_gather_rows, gather_sizes
+from .fused_tiles import FusedTiles, compiler_unavailable_reason
 from .margin_loss import materialized_margin_loss
 from .sampling import sample_classes, sampling_seed
 from .sharding import shard_range
