@@ -376,7 +376,9 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         e_gemm = e_unit.to(gemm)
         e_scaled = (e_unit * row_scale[:, None]).to(gemm) if need_w else None
         grad_unit = torch.zeros_like(e_unit) if need_e else None
-        grad_weight = torch.zeros_like(weight) if need_w else None
+        grad_weight = None
+        if need_w:  # every row is written unless only the rows of row_index are scored
+            grad_weight = (torch.zeros_like if ctx.has_row_index else torch.empty_like)(weight)
         sweep = _eager_backward_sweep if ctx.tiles is None else partial(_fused_backward_sweep,
                                                                           ctx.tiles)
         sweep(head, blocks, prep, e_gemm, e_scaled, w_norm, row_max, target_coef, grad_unit,
