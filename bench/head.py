@@ -3,6 +3,10 @@ SGD-momentum update of one device's class shard, for a synthetic global batch.
 
     python bench/head.py --device cpu --classes 100000 --batch 1024 --head npcface --impl chunked
 
+Every step is preceded by the bare GEMMs of that step's shapes (``gemm_floor_ms``,
+median; see :func:`gemm_floor`), so ``floor_ratio`` = ms / gemm_floor_ms compares the step with
+its three-GEMM floor measured under the same machine load.
+
 Prints one JSON line: ``ms`` (median step), ``peak_bytes`` (CUDA: max allocated; CPU: the
 process's peak RSS, so run one configuration per process), the resolved implementation and
 the configuration.
@@ -23,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import npc_head  # noqa: E402
 import partial_fc  # noqa: E402
+from partial_fc.chunked import default_block_size  # noqa: E402
 from partial_fc.optim import build_classifier_optimizer  # noqa: E402
 
 
@@ -34,6 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--head", choices=["npcface", "arcface"], default="npcface")
     p.add_argument("--impl", choices=["reference", "chunked", "auto"], default="chunked")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
+                   help="chunked: one compiled pass per tile and direction (head.fused)")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the step's bare GEMMs before each step (gemm_floor_ms)")
     p.add_argument("--sample-rate", type=float, default=1.0)
     p.add_argument("--block-size", type=int, default=None, help="chunked: classes per block")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
@@ -51,11 +60,29 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def gemm_floor(embeddings, weight, rows_scored, block, gemm_dtype):
+    """The three GEMMs of one classifier step and nothing else, on the step's shapes:
+    per block of ``block`` of the first ``rows_scored`` weight rows, the logit tile
+    E @ W_b^T, the embedding gradient tile @ W_b (accumulated) and the weight gradient
+    tile^T @ E (same flops as the head's forward and backward GEMMs; the chunked path adds a
+    fourth, the forward tile recomputed in backward)."""
+    e = embeddings.to(gemm_dtype)
+    grad_e = torch.zeros(e.shape, dtype=torch.float32, device=e.device)
+    tile = None
+    for start in range(0, rows_scored, block):
+        w = weight[start:start + block].to(gemm_dtype)
+        tile = torch.matmul(e, w.t(), out=None if tile is None or tile.shape[1] != w.shape[0]
+                            else tile)
+        grad_e += torch.matmul(tile, w).float()
+        torch.matmul(tile.t(), e)
+    return grad_e
+
+
 def build(args, device):
     head = npc_head.NPCFace() if args.head == "npcface" else npc_head.ArcFace(m=0.5)
     module = partial_fc.PartialFC(
         head, args.dim, args.classes, sample_rate=args.sample_rate, impl=args.impl,
-        block_size=args.block_size, seed=args.seed,
+        block_size=args.block_size, seed=args.seed, fused=args.fused,
     ).to(device)
     if args.optimizer == "torch":
         opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -98,8 +125,29 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times, cpu_times = [], []
+    scored = max(1, int(args.sample_rate * module.num_local))
+    floor_block = args.block_size or default_block_size(args.batch, device)
+    if args.impl == "reference" or module.resolve_impl(args.batch, scored) == "reference":
+        floor_block = scored  # the reference path's GEMMs are whole
+    floor_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def floor(i):
+        with torch.no_grad():
+            gemm_floor(batches[i % len(batches)][0], module.weight, scored, floor_block,
+                       floor_dtype)
+
+    times, cpu_times, floor_times, floor_cpu = [], [], [], []
     for i in range(warmup + iters):
+        if args.floor:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            floor(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                floor_times.append((time.perf_counter() - start) * 1e3)
+                floor_cpu.append((time.process_time() - cpu_start) * 1e3)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -124,8 +172,15 @@ def main(argv=None):
         "ms_max": round(max(times), 3), "cpu_ms": round(statistics.median(cpu_times), 3),
         "peak_bytes": int(peak),
         "peak_gib": round(peak / 2**30, 3), "loss": round(float(loss.detach()), 5),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "fused": args.fused,
     }
+    if floor_times:
+        floor_ms = statistics.median(floor_times)
+        record.update(gemm_floor_ms=round(floor_ms, 3), gemm_floor_ms_min=round(min(floor_times), 3),
+                      floor_ratio=round(record["ms"] / floor_ms, 3),
+                      floor_ratio_best=round(min(times) / min(floor_times), 3),
+                      gemm_floor_cpu_ms=round(statistics.median(floor_cpu), 3),
+                      floor_ratio_cpu=round(record["cpu_ms"] / statistics.median(floor_cpu), 3))
     if device.type == "cpu":
         record["rss_before_step_bytes"] = int(rss_before)
     else:

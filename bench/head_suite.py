@@ -1,5 +1,6 @@
 """Run bench/head.py over a grid, one subprocess per configuration (so CPU peak RSS is per
-configuration), and print each JSON line followed by a Markdown table.
+configuration), and print each JSON line followed by a Markdown table (with each step's
+interleaved bare-GEMM floor and the ratio to it; the chunked path unfused and fused).
 
     python bench/head_suite.py --preset cpu            # item 6: 100K classes, batch 256 / 1024
     python bench/head_suite.py --preset gpu            # 1M / 4M / 16M classes on one CUDA device
@@ -19,16 +20,18 @@ HEAD = Path(__file__).resolve().parent / "head.py"
 
 PRESETS = {
     "cpu": dict(device="cpu", classes=[100_000], batch=[256, 1024], head=["npcface", "arcface"],
-                impl=["reference", "chunked"], rate=[1.0]),
+                impl=["reference", "chunked"], rate=[1.0], fused=[False, True]),
     "gpu": dict(device="cuda", classes=[1_000_000, 4_000_000, 16_000_000], batch=[1024],
-                head=["npcface", "arcface"], impl=["reference", "chunked"], rate=[1.0, 0.1]),
+                head=["npcface", "arcface"], impl=["reference", "chunked"], rate=[1.0, 0.1],
+                fused=[False, True]),
 }
 
 
 def run(config, extra, timeout):
     cmd = [sys.executable, str(HEAD), "--device", config["device"], "--classes",
            str(config["classes"]), "--batch", str(config["batch"]), "--head", config["head"],
-           "--impl", config["impl"], "--sample-rate", str(config["rate"]), *extra]
+           "--impl", config["impl"], "--sample-rate", str(config["rate"]),
+           "--fused" if config["fused"] else "--no-fused", *extra]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -49,27 +52,32 @@ def main(argv=None):
     extra = [a for a in extra if a != "--"]
     grid = PRESETS[args.preset]
     rows = []
-    for classes, batch, rate, head, impl in itertools.product(
-        grid["classes"], grid["batch"], grid["rate"], grid["head"], grid["impl"]
+    for classes, batch, rate, head, impl, fused in itertools.product(
+        grid["classes"], grid["batch"], grid["rate"], grid["head"], grid["impl"], grid["fused"]
     ):
+        if impl == "reference" and fused:
+            continue  # fused applies to the chunked path only
         if impl == "reference" and grid["device"] == "cuda" and classes * rate > 4_000_000:
             continue  # the materialised logits alone exceed the device (bench/RESULTS.md, anchor)
         config = dict(device=grid["device"], classes=classes, batch=batch, head=head, impl=impl,
-                      rate=rate)
+                      rate=rate, fused=fused)
         record, cmd = run(config, extra, args.timeout)
         record["command"] = " ".join(["python", "bench/head.py", *cmd[2:]])
         print(json.dumps(record), flush=True)
         rows.append(record)
     print()
-    print("| classes | batch | rate | head | impl | ms | cpu ms | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| classes | batch | rate | head | impl | fused | ms | cpu ms | GEMM floor ms | "
+          "x floor | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['classes']:,} | {r['batch']} | {r['rate']} | {r['head']} | {r['impl']} "
-                  f"| {r['error']} | | |")
+                  f"| {r['fused']} | {r['error']} | | | | |")
         else:
             print(f"| {r['classes']:,} | {r['batch']} | {r['sample_rate']} | {r['head']} | "
-                  f"{r['impl']} | {r['ms']:.1f} | {r.get('cpu_ms', '')} | {r['peak_gib']:.2f} |")
+                  f"{r['impl']} | {r['fused']} | {r['ms']:.1f} | {r.get('cpu_ms', '')} | "
+                  f"{r.get('gemm_floor_ms', '')} | {r.get('floor_ratio', '')} | "
+                  f"{r['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ The algorithm step by step, with its sources: docs/ALGORITHM.md, section 7.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from npc_head.base import select_rows
 
 from .distributed import all_reduce
+from .fused_tiles import FusedTiles
 from .margin_loss import LOW_PRECISION, compute_dtype, gather_target_cosines
 
 # F.normalize's default floor on the norm; the chunked path reproduces it exactly.
@@ -79,6 +81,14 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out=None) 
     return (a @ b).to(out_dtype)
 
 
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b (in place when the dtypes allow, else through an fp32 product)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += _matmul(a, b, acc.dtype)
+
+
 def _tile_buffer(rows: int, blocks: "_Blocks", device) -> torch.Tensor:
     """One reusable [rows x block] buffer (fresh large allocations page-fault on CPU)."""
     return torch.empty(rows * min(blocks.block_size, blocks.count), dtype=blocks.work, device=device)
@@ -103,7 +113,8 @@ class _Blocks:
         for start in range(0, self.count, self.block_size):
             yield start, min(start + self.block_size, self.count)
 
-    def _raw(self, local: slice | torch.Tensor) -> torch.Tensor:
+    def raw_rows(self, local: slice | torch.Tensor) -> torch.Tensor:
+        """The given scored rows as stored (not normalised), in the working dtype."""
         if self.row_index is None:
             rows = self.weight[local] if isinstance(local, slice) else self.weight.index_select(0, local)
         else:
@@ -115,9 +126,25 @@ class _Blocks:
 
         Only this block's rows are normalised (a [block x D] temporary, cheaper than scaling the
         [rows x block] tile whenever D < rows); the weight itself is never copied whole."""
-        rows = self._raw(local)
+        rows = self.raw_rows(local)
         unit, norm = _normalize_rows(rows)
         return unit, (unit if self.gemm == self.work else unit.to(self.gemm)), norm
+
+    def target_columns(self, start: int, stop: int, rows: int):
+        """([rows] int64: each row's target column within [start, stop) or -1, the owned
+        positions whose target falls there)."""
+        which, t_rows, t_cols = self.targets_in(start, stop)
+        column = torch.full((rows,), -1, dtype=torch.int64, device=self.owned_rows.device)
+        column[t_rows] = t_cols
+        return column, which
+
+    def put_weight_grad(self, grad_weight: torch.Tensor, start: int, stop: int, grad: torch.Tensor):
+        """Write the gradient of scored rows [start, stop) into the weight's gradient (only the
+        sampled rows are touched when scoring ``weight[row_index]``)."""
+        if self.row_index is None:
+            grad_weight[start:stop] = grad
+        else:
+            grad_weight.index_add_(0, self.row_index[start:stop], grad.to(grad_weight.dtype))
 
     def targets_in(self, start: int, stop: int):
         """(owned positions, rows, columns within the block) of the targets in [start, stop)."""
@@ -163,10 +190,116 @@ def _positive_and_slope(head, target_cos, prep, stats):
     return positive.detach(), (torch.zeros_like(c) if slope is None else slope)
 
 
+def _eager_forward_sweep(head, blocks, e_gemm, prep, w_norm, neg_max, neg_sum):
+    """The forward sweep with the head's tile methods, one torch operation (one pass) at a time
+    (``fused=False``). Fills ``w_norm``; returns (neg_max, neg_sum, summed stats or None)."""
+    rows, work, stats = e_gemm.shape[0], blocks.work, None
+    buffer = _tile_buffer(rows, blocks, e_gemm.device)
+    for start, stop in blocks.ranges():
+        _, w_gemm, w_norm[start:stop] = blocks.unit_rows(slice(start, stop))
+        cos = _matmul(e_gemm, w_gemm.t(), work, out=_tile(buffer, rows, stop - start))
+        _clamp_unit_(cos)
+        which, t_rows, t_cols = blocks.targets_in(start, stop)
+        target_vals = cos[t_rows, t_cols]
+        block_stats, logits = head.negative_stats_and_logits(cos, prep)
+        if block_stats is not None:
+            if which.numel():
+                own = head.negative_stats(target_vals[:, None], select_rows(prep, t_rows))
+                block_stats.index_add_(0, t_rows, own, alpha=-1)
+            stats = block_stats if stats is None else stats.add_(block_stats)
+        logits[t_rows, t_cols] = -math.inf
+        new_max = torch.maximum(neg_max, logits.amax(dim=1))
+        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        neg_sum.mul_(torch.exp(neg_max - shift)).add_(
+            logits.sub_(shift[:, None]).exp_().sum(dim=1)
+        )
+        neg_max = new_max
+    return neg_max, neg_sum, stats
+
+
+def _fused_forward_sweep(tiles, blocks, e_gemm, prep, w_norm, neg_max, neg_sum):
+    """The forward sweep with one fused pass per tile (:func:`partial_fc.fused_tiles.forward_tile`)
+    on the raw GEMM tile of the unnormalised weight rows; same returns as the eager sweep."""
+    rows, work, stats = e_gemm.shape[0], blocks.work, None
+    buffer = _tile_buffer(rows, blocks, e_gemm.device)
+    for start, stop in blocks.ranges():
+        w_raw = blocks.raw_rows(slice(start, stop))
+        w_norm[start:stop] = w_raw.norm(dim=1)
+        inv_norm = 1.0 / w_norm[start:stop].clamp_min(NORM_EPS)
+        raw = _matmul(e_gemm, w_raw.to(blocks.gemm).t(), work, out=_tile(buffer, rows, stop - start))
+        target_col, _ = blocks.target_columns(start, stop, rows)
+        neg_max, neg_sum, block_stats = tiles.forward(raw, inv_norm, target_col, prep, neg_max,
+                                                      neg_sum)
+        if block_stats is not None:
+            stats = block_stats if stats is None else stats.add_(block_stats)
+    return neg_max, neg_sum, stats
+
+
+def _eager_backward_sweep(head, blocks, prep, e_gemm, e_scaled, w_norm, row_max, target_coef,
+                          grad_unit, grad_weight):
+    """Backward sweep with the head's tile methods (``fused=False``): adds each block's share
+    into ``grad_unit`` (the unit embeddings' gradient, before the per-row factor) and writes its
+    rows of ``grad_weight``; either may be None (not needed)."""
+    rows, work, gemm = e_gemm.shape[0], blocks.work, blocks.gemm
+    buffer = _tile_buffer(rows, blocks, e_gemm.device)
+    for start, stop in blocks.ranges():
+        w_unit, w_gemm, _ = blocks.unit_rows(slice(start, stop))
+        cos = _matmul(e_gemm, w_gemm.t(), work, out=_tile(buffer, rows, stop - start))
+        outside = _clamp_unit_(cos)
+        grad = head.negative_softmax_slope(cos, prep, row_max)
+        if outside is not None:
+            grad.masked_fill_(outside, 0.0)  # the clamp passes no gradient there
+        which, t_rows, t_cols = blocks.targets_in(start, stop)
+        grad[t_rows, t_cols] = target_coef[which]
+        del cos, outside
+        grad_gemm = grad.to(gemm)
+        if grad_unit is not None:
+            _add_matmul_(grad_unit, grad_gemm, w_gemm)
+        if grad_weight is not None:
+            grad_w_unit = _matmul(grad_gemm.t(), e_scaled, work)
+            norm = w_norm[start:stop]
+            radial = (w_unit * grad_w_unit).sum(dim=1, keepdim=True)
+            keep = (norm >= NORM_EPS)[:, None].to(work)  # F.normalize's eps branch
+            grad_w = (grad_w_unit - w_unit * (radial * keep)) / norm.clamp_min(NORM_EPS)[:, None]
+            blocks.put_weight_grad(grad_weight, start, stop, grad_w)
+        del grad, grad_gemm
+
+
+def _fused_backward_sweep(tiles, head, blocks, prep, e_gemm, e_scaled, w_norm, row_max,
+                          target_coef, grad_unit, grad_weight):
+    """Backward sweep with one fused pass per tile (:func:`partial_fc.fused_tiles.backward_tile`).
+
+    The tile it returns is G / |w_k| (G the eager sweep's gradient tile), so both GEMMs run
+    against the raw weight rows: ``grad_unit += (G/|w|) @ w`` and, with X = (G/|w|)^T @ e_scaled
+    = g_k / |w_k|, the raw rows' gradient of w / max(|w|, eps) is X - w (w . X) / |w|^2 (the
+    projection dropped where |w| < eps, as F.normalize's floor)."""
+    rows, work, gemm = e_gemm.shape[0], blocks.work, blocks.gemm
+    buffer = _tile_buffer(rows, blocks, e_gemm.device)
+    grad_buffer = buffer if gemm == work else torch.empty_like(buffer, dtype=gemm)
+    for start, stop in blocks.ranges():
+        w_raw = blocks.raw_rows(slice(start, stop))
+        w_gemm = w_raw.to(gemm)
+        norm = w_norm[start:stop]
+        inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
+        raw = _matmul(e_gemm, w_gemm.t(), work, out=_tile(buffer, rows, stop - start))
+        target_col, which = blocks.target_columns(start, stop, rows)
+        coef = torch.zeros(rows, dtype=work, device=raw.device)
+        coef[blocks.owned_rows[which]] = target_coef[which]
+        grad_gemm = tiles.backward(raw, inv_norm, target_col, coef, prep, row_max,
+                                   _tile(grad_buffer, rows, stop - start))
+        if grad_unit is not None:
+            _add_matmul_(grad_unit, grad_gemm, w_gemm)
+        if grad_weight is not None:
+            x = _matmul(grad_gemm.t(), e_scaled, work)
+            keep = (norm >= NORM_EPS).to(work)
+            radial = (w_raw * x).sum(dim=1) * inv_norm * inv_norm * keep
+            blocks.put_weight_grad(grad_weight, start, stop, x.sub_(w_raw * radial[:, None]))
+
+
 class _ChunkedMarginLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weight, target_index, row_index, head, group, block_size,
-                gemm_dtype, side):
+                gemm_dtype, side, tiles):
         work = compute_dtype(embeddings, weight)
         gemm = gemm_dtype or work  # resolved by chunked_margin_loss (autocast is off in here)
         blocks = _Blocks(weight, row_index, target_index, block_size, work, gemm)
@@ -187,31 +320,14 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         # 2. One sweep: negative statistics and the running max / sum-exp of the negative logits
         #    (kept as max and a sum relative to it, not as a log: adding logs of magnitude ~s
         #    block after block would cost fp32 an ulp of s each time).
-        stats = None
         neg_max = torch.full((rows,), -math.inf, dtype=work, device=device)
         neg_sum = torch.zeros(rows, dtype=work, device=device)
-        buffer = _tile_buffer(rows, blocks, device)
-        for start, stop in blocks.ranges():
-            _, w_gemm, w_norm[start:stop] = blocks.unit_rows(slice(start, stop))
-            cos = _matmul(e_gemm, w_gemm.t(), work, out=_tile(buffer, rows, stop - start))
-            _clamp_unit_(cos)
-            which, t_rows, t_cols = blocks.targets_in(start, stop)
-            target_vals = cos[t_rows, t_cols]
-            block_stats, logits = head.negative_stats_and_logits(cos, prep)
-            if block_stats is not None:
-                if which.numel():
-                    own = head.negative_stats(target_vals[:, None], select_rows(prep, t_rows))
-                    block_stats.index_add_(0, t_rows, own, alpha=-1)
-                stats = block_stats if stats is None else stats.add_(block_stats)
-            logits[t_rows, t_cols] = -math.inf
-            new_max = torch.maximum(neg_max, logits.amax(dim=1))
-            shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            neg_sum.mul_(torch.exp(neg_max - shift)).add_(
-                logits.sub_(shift[:, None]).exp_().sum(dim=1)
-            )
-            neg_max = new_max
-            del cos, logits, w_gemm
-        del buffer
+        if tiles is None:
+            neg_max, neg_sum, stats = _eager_forward_sweep(head, blocks, e_gemm, prep, w_norm,
+                                                           neg_max, neg_sum)
+        else:
+            neg_max, neg_sum, stats = _fused_forward_sweep(tiles, blocks, e_gemm, prep, w_norm,
+                                                           neg_max, neg_sum)
         if stats is None and head.num_stats:
             stats = torch.zeros(rows, head.num_stats, dtype=torch.float64, device=device)
         if stats is not None:
@@ -241,7 +357,7 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         target_coef = (p_target - sum_exp[owned_rows]) * positive_slope.to(work) * in_range.to(work)
 
         side.update(prep=prep, stats=stats, target_cos=target_cos)
-        ctx.blocks, ctx.head, ctx.prep = blocks, head, prep
+        ctx.blocks, ctx.head, ctx.prep, ctx.tiles = blocks, head, prep, tiles
         ctx.embedding_dtype = embeddings.dtype
         ctx.save_for_backward(e_unit, e_norm, weight, row_index, w_norm, row_max, sum_exp, target_coef)
         ctx.has_row_index = row_index is not None
@@ -261,42 +377,19 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         e_gemm = e_unit.to(gemm)
         e_scaled = (e_unit * row_scale[:, None]).to(gemm) if need_w else None
         grad_unit = torch.zeros_like(e_unit) if need_e else None
-        grad_weight = torch.zeros_like(weight) if need_w else None
-        rows = e_unit.shape[0]
-        buffer = _tile_buffer(rows, blocks, e_unit.device)
-        for start, stop in blocks.ranges():
-            w_unit, w_gemm, _ = blocks.unit_rows(slice(start, stop))
-            cos = _matmul(e_gemm, w_gemm.t(), work, out=_tile(buffer, rows, stop - start))
-            outside = _clamp_unit_(cos)
-            grad = head.negative_softmax_slope(cos, prep, row_max)
-            if outside is not None:
-                grad.masked_fill_(outside, 0.0)  # the clamp passes no gradient there
-            which, t_rows, t_cols = blocks.targets_in(start, stop)
-            grad[t_rows, t_cols] = target_coef[which]
-            del cos, outside
-            grad_gemm = grad.to(gemm)
-            if need_e:
-                if grad_gemm.dtype == work:
-                    grad_unit.addmm_(grad_gemm, w_gemm)
-                else:
-                    grad_unit += _matmul(grad_gemm, w_gemm, work)
-            if need_w:
-                grad_w_unit = _matmul(grad_gemm.t(), e_scaled, work)
-                norm = w_norm[start:stop]
-                radial = (w_unit * grad_w_unit).sum(dim=1, keepdim=True)
-                keep = (norm >= NORM_EPS)[:, None].to(work)  # F.normalize's eps branch
-                grad_w = (grad_w_unit - w_unit * (radial * keep)) / norm.clamp_min(NORM_EPS)[:, None]
-                if ctx.has_row_index:
-                    grad_weight.index_add_(0, row_index[start:stop], grad_w.to(weight.dtype))
-                else:
-                    grad_weight[start:stop] = grad_w
-            del grad, grad_gemm
+        grad_weight = None
+        if need_w:  # every row is written unless only the rows of row_index are scored
+            grad_weight = (torch.zeros_like if ctx.has_row_index else torch.empty_like)(weight)
+        sweep = _eager_backward_sweep if ctx.tiles is None else partial(_fused_backward_sweep,
+                                                                          ctx.tiles)
+        sweep(head, blocks, prep, e_gemm, e_scaled, w_norm, row_max, target_coef, grad_unit,
+              grad_weight)
         grad_embeddings = None
         if need_e:
             grad_unit.mul_(row_scale[:, None])
             grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
-        ctx.blocks = ctx.prep = None
-        return grad_embeddings, grad_weight, None, None, None, None, None, None, None
+        ctx.blocks = ctx.prep = ctx.tiles = None
+        return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None
 
 
 def chunked_margin_loss(
@@ -308,6 +401,7 @@ def chunked_margin_loss(
     block_size: Optional[int] = None,
     row_index: Optional[torch.Tensor] = None,
     gemm_dtype: Optional[torch.dtype] = None,
+    tiles: Optional[FusedTiles] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-row margin-softmax loss of the global batch against this rank's class rows, computed
     over blocks of ``block_size`` classes without materialising the logits.
@@ -321,7 +415,10 @@ def chunked_margin_loss(
     ``row_index`` scores the rows ``weight[row_index]`` (Partial FC's sampled rows) without
     copying them, ``target_index`` then indexes into ``row_index`` and ``weight``'s gradient is
     zero outside those rows; ``gemm_dtype`` overrides the GEMM input dtype (see
-    :func:`resolve_gemm_dtype`; statistics stay in fp32 or wider).
+    :func:`resolve_gemm_dtype`; statistics stay in fp32 or wider); ``tiles`` a
+    :class:`partial_fc.fused_tiles.FusedTiles` of ``head`` runs each tile's elementwise work as
+    one fused pass per direction (None: the head's tile methods, one operation at a time; a
+    ``tiles`` whose compile failed also falls back to them).
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -336,6 +433,10 @@ def chunked_margin_loss(
     if row_index is not None and (row_index.dim() != 1 or row_index.dtype != torch.int64):
         raise ValueError(f"row_index must be a 1-D int64 tensor, got {row_index.dtype} "
                          f"of shape {tuple(row_index.shape)}")
+    if tiles is not None and tiles.head is not head:
+        raise ValueError("tiles were built for another head than the one given")
+    if tiles is not None and tiles.broken:
+        tiles = None
     if block_size is None:
         block_size = default_block_size(embeddings.shape[0], embeddings.device)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -345,7 +446,8 @@ def chunked_margin_loss(
     # The function picks every dtype itself: autocast would recast its fp32 statistics.
     with torch.autocast(embeddings.device.type, enabled=False):
         loss = _ChunkedMarginLoss.apply(
-            embeddings, weight, target_index, row_index, head, group, block_size, gemm, side
+            embeddings, weight, target_index, row_index, head, group, block_size, gemm, side,
+            tiles,
         )
     diagnostics = {k: v.detach() for k, v in head.diagnostics(side["prep"], side["stats"]).items()}
     diagnostics["target_cos"] = side["target_cos"]

@@ -1,6 +1,7 @@
 """The model-parallel Partial FC classifier."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 from .chunked import chunked_margin_loss
 from .distributed import ProcessGroupInfo, all_gather_rows, gather_sizes
+from .fused_tiles import FusedTiles, compiler_unavailable_reason
 from .margin_loss import materialized_margin_loss
 from .sampling import sample_classes, sampling_seed
 from .sharding import shard_range
@@ -53,6 +55,11 @@ class PartialFC(nn.Module):
         gemm_dtype: input dtype of the chunked path's GEMMs (``"bfloat16"``, ``"float16"``,
             ``"float32"``); None follows autocast, else the embeddings' dtype. Statistics and the
             softmax stay in fp32 or wider.
+        fused: the chunked path runs each tile's elementwise work as one compiled pass per
+            direction (:mod:`partial_fc.fused_tiles`; ``torch.compile``: C++ on CPU, Triton on
+            CUDA; compiled on first use, sizes dynamic). False keeps the head's one-operation-
+            at-a-time tiles, which are also what runs, after one warning, when no compiler
+            (C++ on CPU, Triton on CUDA) is available or the compile fails.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class PartialFC(nn.Module):
         impl: str = "auto",
         block_size: Optional[int] = None,
         gemm_dtype: Optional[str] = None,
+        fused: bool = False,
     ):
         super().__init__()
         if not 0.0 < float(sample_rate) <= 1.0:
@@ -90,6 +98,8 @@ class PartialFC(nn.Module):
         self.impl = impl
         self.block_size = block_size
         self.gemm_dtype = GEMM_DTYPES[gemm_dtype]
+        self.fused = bool(fused)
+        self._tiles: Optional[FusedTiles] = None  # built at the first fused chunked step
         self.last_impl: Optional[str] = None
         self.class_start, self.num_local = shard_range(
             self.num_classes, self.pg.world_size, self.pg.rank
@@ -117,7 +127,8 @@ class PartialFC(nn.Module):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"class_start={self.class_start}, num_local={self.num_local}, "
-            f"sample_rate={self.sample_rate}, world_size={self.world_size}, impl={self.impl}"
+            f"sample_rate={self.sample_rate}, world_size={self.world_size}, impl={self.impl}, "
+            f"fused={self.fused}"
         )
 
     def resolve_impl(self, global_batch: int, num_scored: int) -> str:
@@ -126,6 +137,20 @@ class PartialFC(nn.Module):
             return self.impl
         logit_bytes = 4 * int(global_batch) * int(num_scored)
         return "chunked" if logit_bytes > AUTO_CHUNKED_LOGIT_BYTES else "reference"
+
+    def _fused_tiles(self, device: torch.device) -> Optional[FusedTiles]:
+        """The head's compiled tile passes when ``fused`` and a compiler is available."""
+        if not self.fused:
+            return None
+        if self._tiles is None:
+            reason = compiler_unavailable_reason(device)
+            if reason is not None:
+                warnings.warn(f"PartialFC(fused=True): {reason}; the chunked head runs unfused",
+                              RuntimeWarning, stacklevel=3)
+                self.fused = False
+                return None
+            self._tiles = FusedTiles(self.head)
+        return self._tiles
 
     def rows_to_update(self) -> Optional[torch.Tensor]:
         """Sorted local rows scored by the training forwards (with gradient) since the last
@@ -202,7 +227,7 @@ class PartialFC(nn.Module):
             loss, diagnostics = chunked_margin_loss(
                 self.head, global_embeddings, self.weight, target_index, group,
                 block_size=self.block_size, row_index=None if every_row else index,
-                gemm_dtype=self.gemm_dtype,
+                gemm_dtype=self.gemm_dtype, tiles=self._fused_tiles(self.weight.device),
             )
         else:
             weight = self.weight if every_row else self.weight[index]

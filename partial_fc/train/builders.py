@@ -62,6 +62,7 @@ def build_classifier(cfg: DictConfig, num_classes: int, group=None) -> PartialFC
         seed=int(cfg.trainer.seed),
         impl=str(cfg.head.impl),
         block_size=None if cfg.head.block_size is None else int(cfg.head.block_size),
+        fused=bool(cfg.head.fused),
         gemm_dtype=GEMM_DTYPE_OF_PRECISION[str(cfg.trainer.precision)] if on_cuda else None,
     )
 

@@ -88,6 +88,7 @@ def validate_config(cfg: DictConfig) -> None:
     block = _get(cfg, "head.block_size")
     if block is not None and not _positive_int(block):
         raise ConfigError(f"head.block_size must be a positive integer or null, got {block!r}")
+    _require(cfg, "head.fused", lambda v: isinstance(v, bool), "must be true or false")
 
     _require(cfg, "optim.name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}")
     _require(cfg, "optim.lr", lambda v: _number(v) and v > 0, "must be > 0")

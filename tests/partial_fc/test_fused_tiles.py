@@ -1,0 +1,238 @@
+"""The chunked head's fused tile passes (partial_fc/fused_tiles.py) against the reference path.
+
+The fused functions' math is checked in float64 for every head run eagerly (the same Python the
+compiler receives); the compiled form is checked in fp32 for NPCFace (statistics, a hard-negative
+mask; one head, to keep compile time out of the suite) together with the number of graphs a run
+with varying batch sizes compiles; on CUDA three heads. Compile time is paid once per
+process (inductor's on-disk cache serves later processes).
+"""
+import warnings
+
+import pytest
+import torch
+
+import npc_head
+import partial_fc
+from dist_harness import run_workers
+from margin_reference import make_head, make_problem, reference_loss
+from partial_fc.chunked import chunked_margin_loss
+from partial_fc.fused_tiles import FusedTiles, compiler_unavailable_reason
+from partial_fc.margin_loss import materialized_margin_loss
+from test_chunked import ARC, COS, NPC_DEFAULT, NPC_OTHER, HardSquareHead, _assert_same, _losses
+
+HEADS = {
+    "npcface": lambda: make_head("npcface", NPC_DEFAULT),
+    "npcface_other": lambda: make_head("npcface", NPC_OTHER),
+    "arcface": lambda: make_head("arcface", ARC),
+    "cosface": lambda: make_head("cosface", COS),
+    "mv_arc": lambda: npc_head.MVSoftmax(s=32.0, m=0.35, t=1.2),
+    "mv_am_fixed": lambda: npc_head.MVSoftmax(s=32.0, m=0.35, t=1.3, arc=False, fixed=True),
+    "curricularface": lambda: _curricular(),
+    "autograd_slope": lambda: HardSquareHead(s=20.0),
+}
+
+
+def _curricular():
+    head = npc_head.CurricularFace(s=64.0, m=0.5)
+    head.eval()  # t fixed (not updated by prepare), so both paths see the same t
+    head.t.fill_(0.3)
+    return head
+
+
+def _fused(fn, head, weight, emb, target_index, compile=False, **kw):
+    return _losses(fn, head, weight, emb, target_index,
+                   tiles=FusedTiles(head, compile=compile), **kw)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_fused_float64_matches_reference_path(name):
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    weight[5] = 0.0  # F.normalize's eps branch, folded into the tile
+    target_index = torch.where(labels % 4 == 0, -1, labels)  # some targets owned elsewhere
+    want = _losses(materialized_margin_loss, HEADS[name](), weight, emb, target_index)
+    for block_size in (1, 7, 100):
+        got = _fused(chunked_margin_loss, HEADS[name](), weight, emb, target_index,
+                     block_size=block_size)
+        _assert_same(got, want, 1e-10)
+
+
+def test_fused_sampled_rows_match_and_only_they_get_gradient():
+    weight, emb, labels = make_problem(40, 8, 9, seed=6)
+    index = torch.unique(torch.cat([labels, torch.tensor([0, 3, 17, 33, 39])]))
+    target_index = torch.searchsorted(index, labels)
+    want = _losses(materialized_margin_loss, HEADS["npcface"](), weight[index], emb, target_index)
+    got = _fused(chunked_margin_loss, HEADS["npcface"](), weight, emb, target_index,
+                 block_size=4, row_index=index)
+    full_grad = torch.zeros_like(weight)
+    full_grad[index] = want[2]
+    _assert_same(got, (want[0], want[1], full_grad, want[3]), 1e-10)
+
+
+def test_tiles_of_another_head_are_refused():
+    weight, emb, labels = make_problem(10, 4, 3, seed=1)
+    with pytest.raises(ValueError, match="another head"):
+        chunked_margin_loss(HEADS["arcface"](), emb, weight, labels,
+                            tiles=FusedTiles(HEADS["arcface"](), compile=False))
+
+
+# --- compiled ---------------------------------------------------------------------------------
+
+needs_compiler = pytest.mark.skipif(
+    compiler_unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"torch.compile on CPU: {compiler_unavailable_reason(torch.device('cpu'))}",
+)
+
+
+def _unique_graphs():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@needs_compiler
+def test_compiled_float32_run_matches_reference_and_compiles_a_bounded_number_of_graphs():
+    """20 training steps with a different global batch each step (and Partial FC sampling, so
+    the scored rows and the last block's width change too): every step matches the reference
+    path to 1e-5 in fp32, and the run compiles at most 4 graphs (forward and backward, plus one
+    re-specialisation each), not one per step."""
+    C, D, block, name = 97, 16, 24, "npcface"
+    torch.manual_seed(0)
+    fused = partial_fc.PartialFC(HEADS[name](), D, C, sample_rate=0.7, impl="chunked",
+                                 block_size=block, fused=True)
+    ref = partial_fc.PartialFC(HEADS[name](), D, C, sample_rate=0.7, impl="reference")
+    for m in (fused, ref):
+        m.head.train(False)
+    ref.load_state_dict(fused.state_dict())
+    before = _unique_graphs()
+    for step in range(20):
+        batch = 5 + (7 * step) % 13
+        g = torch.Generator().manual_seed(step)
+        emb = torch.randn(batch, D, generator=g)
+        labels = torch.randint(0, C, (batch,), generator=g)
+        results = []
+        for m in (fused, ref):
+            e = emb.clone().requires_grad_(True)
+            loss = m(e, labels)
+            loss.backward()
+            results.append((loss.detach(), e.grad, m.weight.grad.clone()))
+            m.weight.grad = None
+        assert fused._tiles is not None and not fused._tiles.broken
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+    compiled = _unique_graphs() - before
+    assert 1 <= compiled <= 4, f"{compiled} graphs compiled in 20 steps"
+
+
+def test_no_compiler_warns_once_and_runs_unfused(monkeypatch, tmp_path):
+    """With no C++ compiler on PATH, PartialFC(fused=True) says so once and keeps the unfused
+    tiles, with the same results."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-c++")
+    assert "no C++ compiler" in compiler_unavailable_reason(torch.device("cpu"))
+    weight, emb, labels = make_problem(30, 8, 6, seed=3)
+    modules = [partial_fc.PartialFC(HEADS["npcface"](), 8, 30, impl="chunked", block_size=8,
+                                    fused=f).double() for f in (True, False)]
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for m in modules:
+            with torch.no_grad():
+                m.weight.copy_(weight)
+            losses.append([m(emb, labels).detach() for _ in range(2)])
+    assert [str(w.message) for w in caught if "fused" in str(w.message)] == [
+        "PartialFC(fused=True): no C++ compiler (no-such-c++ or clang++) on PATH for inductor; "
+        "the chunked head runs unfused"
+    ]
+    assert not modules[0].fused
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+
+
+# --- over gloo ranks (the fused math, eagerly) ------------------------------------------------
+
+BATCHES = {1: [11], 2: [7, 4], 3: [5, 3, 7]}
+DIST_CASES = [("npcface", NPC_OTHER, 41, 8, 0.4, 4, 3), ("arcface", ARC, 37, 16, 1.0, 0, 64)]
+
+
+def _fused_worker(rank, world_size):
+    sizes = BATCHES[world_size]
+    lo = sum(sizes[:rank])
+    results = []
+    for kind, params, C, D, rate, seed, block in DIST_CASES:
+        weight, emb, labels = make_problem(C, D, sum(sizes), seed)
+        start, count = partial_fc.shard_range(C, world_size, rank)
+        module = partial_fc.PartialFC(make_head(kind, params), D, C, sample_rate=rate, seed=seed,
+                                      impl="chunked", block_size=block).double()
+        module._tiles = FusedTiles(module.head, compile=False)
+        module.fused = True
+        with torch.no_grad():
+            module.weight.copy_(weight[start : start + count])
+        e = emb[lo : lo + sizes[rank]].clone().requires_grad_(True)
+        loss = module(e, labels[lo : lo + sizes[rank]])
+        loss.backward()
+        results.append(dict(loss=loss.detach(), emb_grad=e.grad, weight_grad=module.weight.grad,
+                            start=start, sampled=module.sampled_index + start))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_fused_over_ranks_matches_float64_reference(world_size):
+    results = run_workers(_fused_worker, world_size)
+    sizes = BATCHES[world_size]
+    for ci, (kind, params, C, D, rate, seed, _) in enumerate(DIST_CASES):
+        weight, emb, labels = make_problem(C, D, sum(sizes), seed)
+        sampled = torch.cat([r[ci]["sampled"] for r in results]).tolist()
+        w, e = weight.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+        ref, _ = reference_loss(kind, params, e, w, labels, classes=sampled)
+        ref.backward()
+        for rank, res in enumerate(r[ci] for r in results):
+            lo = sum(sizes[:rank])
+            torch.testing.assert_close(res["loss"], ref.detach(), rtol=1e-10, atol=0)
+            torch.testing.assert_close(res["emb_grad"], e.grad[lo : lo + sizes[rank]],
+                                       rtol=1e-10, atol=1e-10 * e.grad.abs().max())
+            rows = slice(res["start"], res["start"] + res["weight_grad"].shape[0])
+            torch.testing.assert_close(res["weight_grad"], w.grad[rows],
+                                       rtol=1e-10, atol=1e-10 * w.grad.abs().max())
+
+
+# --- CUDA -------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["npcface", "arcface", "curricularface"])
+def test_cuda_compiled_tiles_match_reference(name):
+    """On the device: Triton tiles, fp32 GEMMs to 1e-5 and bf16 GEMMs (fp32 accumulation and
+    statistics) to bf16's resolution against the fp32 reference path."""
+    if compiler_unavailable_reason(torch.device("cuda")) is not None:
+        pytest.skip(compiler_unavailable_reason(torch.device("cuda")))
+    weight, emb, labels = make_problem(3001, 64, 96, seed=8)
+    weight, emb, labels = weight.float().cuda(), emb.float().cuda(), labels.cuda()
+    want = _losses(materialized_margin_loss, HEADS[name]().cuda(), weight, emb, labels)
+    head = HEADS[name]().cuda()
+    got = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, block_size=1024)
+    _assert_same(got, want, 1e-5)
+    got16 = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, block_size=1024,
+                   gemm_dtype=torch.bfloat16)
+    torch.testing.assert_close(got16[0], want[0], rtol=2e-2, atol=2e-2 * want[0].abs().max())
+    torch.testing.assert_close(got16[1], want[1], rtol=5e-2, atol=5e-2 * want[1].abs().max())
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+def test_head_fused_key_is_validated_and_reaches_the_classifier():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from partial_fc.train.builders import build_classifier
+    from partial_fc.train.config import ConfigError, validate_config
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        default = compose(config_name="config", overrides=["trainer.device=cpu"])
+        off = compose(config_name="config", overrides=["trainer.device=cpu", "head.fused=false"])
+        bad = compose(config_name="config", overrides=["head.fused=maybe"])
+    for cfg, want in ((default, True), (off, False)):
+        validate_config(cfg)
+        assert build_classifier(cfg, num_classes=10).fused is want
+    with pytest.raises(ConfigError, match=r"head\.fused must be true or false, got 'maybe'"):
+        validate_config(bad)
