@@ -119,7 +119,7 @@ class VisionTransformer(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         self.patch_embed = PatchEmbed(embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([Block(embed_dim, NUM_HEADS, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(p=dropout)
