@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..models.factory import MODEL_NAMES as MODELS
+
 HEADS = ("npcface", "arcface", "cosface", "mvsoftmax", "curricularface")
 OPTIMIZERS = ("sgd", "adamw")
 FORMATS = ("synthetic", "recordio", "folder")
@@ -77,6 +78,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg, "model.name", lambda v: v in MODELS, f"must be one of {MODELS}")
     _require(cfg, "model.embedding_size", _positive_int, "must be a positive integer")
     _require(cfg, "model.dropout", lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)")
+    for key in ("model.drop_path_rate", "model.mask_ratio"):  # vit_* only
+        if _get(cfg, key) is not None:
+            _require(cfg, key, lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)")
     pretrained = _get(cfg, "model.pretrained")
     if pretrained is not None and not (isinstance(pretrained, str) and Path(pretrained).exists()):
         raise ConfigError(f"model.pretrained must name an existing backbone file or checkpoint "

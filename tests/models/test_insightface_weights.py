@@ -163,3 +163,7 @@ def test_config_refuses_a_missing_pretrained_file(tmp_path):
                                            f"output_root={tmp_path}"])
     with pytest.raises(ConfigError, match="model.pretrained must name an existing backbone"):
         validate_config(cfg)
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose("config", overrides=["model=vit_t", "model.mask_ratio=1.0"])
+    with pytest.raises(ConfigError, match=r"model.mask_ratio must be in \[0, 1\)"):
+        validate_config(cfg)
