@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
@@ -10,9 +11,50 @@ from torch import nn
 from tqdm import tqdm
 
 
+INPUT_MEAN = 127.5
+INPUT_STD = 128.0
+
+
 def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 N x 3 x H x W RGB -> float32 (x - 127.5) / 128, the ArcFace input convention."""
-    return (images_uint8.float() - 127.5) / 128.0
+    return (images_uint8.float() - INPUT_MEAN) / INPUT_STD
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """What a model expects of its float input: channel order and (x - mean) / std per pixel
+    value in 0..255. Ours (RGB, 127.5, 128) is the default; insightface's published ONNX models
+    take BGR or RGB with std 127.5 (arcface_torch's own `inference.py`: RGB, 127.5, 127.5)."""
+
+    mean: float = INPUT_MEAN
+    std: float = INPUT_STD
+    bgr: bool = False
+
+    def __post_init__(self):
+        if not self.std > 0:
+            raise ValueError(f"input std must be > 0, got {self.std}")
+
+    def is_ours(self) -> bool:
+        return (self.mean, self.std, self.bgr) == (INPUT_MEAN, INPUT_STD, False)
+
+    def from_ours(self, x: torch.Tensor) -> torch.Tensor:
+        """Our preprocessed N x 3 x H x W RGB tensor -> this convention (a new tensor)."""
+        pixels = x * INPUT_STD + INPUT_MEAN
+        if self.bgr:
+            pixels = pixels.flip(1)
+        return (pixels - self.mean) / self.std
+
+
+class Reconvention(nn.Module):
+    """`model` fed our preprocessed images converted to its own `convention`."""
+
+    def __init__(self, model: nn.Module, convention: InputConvention):
+        super().__init__()
+        self.model = model
+        self.convention = convention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.convention.from_ours(x))
 
 
 def to_chw_tensor(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
@@ -52,7 +94,8 @@ def embed_views(model: nn.Module, batch_uint8: torch.Tensor, flip: bool = True,
                 device: Optional[torch.device] = None,
                 autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """float32 embeddings of one uint8 NCHW batch of n images: n x D, or with `flip` 2n x D
-    (the images, then their horizontal mirrors; both go through the model in one batch)."""
+    (the images, then their horizontal mirrors, in one call; models of a fixed batch size split
+    it themselves, see `OnnxBackbone`)."""
     device = torch.device(device) if device is not None else model_device(model)
     x = preprocess(batch_uint8.to(device, non_blocking=True))
     if flip:

@@ -1,7 +1,9 @@
 """ONNX export of a backbone (dynamic batch), its check through onnxruntime, and running it.
 
 The exported graph takes "input" float32 N x 3 x H x W ((x - 127.5) / 128) and returns
-"embedding" float32 N x D, the backbone's unnormalised embedding.
+"embedding" float32 N x D, the backbone's unnormalised embedding. Other ONNX face models (fixed
+batch, BGR, other mean / std, as insightface's model zoo publishes them) run through
+`OnnxBackbone` and `load_eval_model(..., convention=InputConvention(...))`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
+
+from .embedding import InputConvention, Reconvention
 
 PathLike = Union[str, os.PathLike]
 INPUT_NAME = "input"
@@ -58,10 +62,15 @@ def _providers(device: Optional[Union[str, torch.device]]) -> Sequence[str]:
 
 
 class OnnxBackbone(nn.Module):
-    """An exported backbone run by onnxruntime behind the nn.Module call interface.
+    """An ONNX face model run by onnxruntime behind the nn.Module call interface.
 
+    The model must take one NCHW float input of 112x112 (or free) spatial size; a fixed batch
+    size is honoured by running any batch in chunks of that size (the last one zero-padded).
     `forward` takes a float tensor on any device and returns float32 embeddings on the same
     device. It has no parameters; `train()` / `eval()` change nothing in the graph.
+
+    Raises ValueError naming the file when the input is not one rank-4 NCHW 3-channel tensor
+    of 112x112.
     """
 
     def __init__(self, path: PathLike, device: Optional[Union[str, torch.device]] = None):
@@ -83,13 +92,48 @@ class OnnxBackbone(nn.Module):
         if len(inputs) != 1:
             raise ValueError(f"{self.path}: expected one input, found {len(inputs)}")
         self.input_name = inputs[0].name
-        self.input_shape = inputs[0].shape
+        self.input_shape = list(inputs[0].shape)
+        self.fixed_batch = _check_input_shape(self.path, self.input_shape)
         self.embedding_size = self.session.get_outputs()[0].shape[-1]
+
+    def _run(self, array: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(array)})[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().numpy()
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(array)})[0]
+        if self.fixed_batch is None:
+            out = self._run(array)
+        else:
+            step, chunks = self.fixed_batch, []
+            for start in range(0, array.shape[0], step):
+                part = array[start:start + step]
+                if part.shape[0] < step:
+                    pad = np.zeros((step - part.shape[0],) + part.shape[1:], dtype=part.dtype)
+                    chunks.append(self._run(np.concatenate([part, pad]))[:part.shape[0]])
+                else:
+                    chunks.append(self._run(part))
+            out = np.concatenate(chunks)
         return torch.from_numpy(out).to(x.device)
+
+
+def _check_input_shape(path: Path, shape: Sequence) -> Optional[int]:
+    """The fixed batch size of an ONNX input `shape` (None when dynamic), after checking that it
+    is N x 3 x 112 x 112 with any dimension possibly symbolic."""
+    def fixed(dim):
+        return dim if isinstance(dim, int) and dim > 0 else None
+
+    expected = "N x 3 x 112 x 112 (NCHW)"
+    if len(shape) != 4:
+        raise ValueError(f"{path}: input of rank {len(shape)} {shape}; expected {expected}")
+    if fixed(shape[1]) not in (3, None):
+        layout = " (channels last: NHWC is not supported)" if fixed(shape[3]) == 3 else ""
+        raise ValueError(f"{path}: input {shape} has {shape[1]} channels{layout}; "
+                         f"expected {expected}")
+    size = tuple(fixed(d) for d in shape[2:])
+    if any(d is not None and d != 112 for d in size):
+        raise ValueError(f"{path}: input {shape} takes {shape[2]}x{shape[3]} images; our faces "
+                         f"are aligned to 112x112, expected {expected}")
+    return fixed(shape[0])
 
 
 def compare_with_torch(model: nn.Module, onnx_path: PathLike, batch_sizes: Sequence[int] = (1, 3),
@@ -119,13 +163,19 @@ def export_and_check(model: nn.Module, output_path: PathLike, tolerance: float =
     return {"path": str(path), "max_abs_diff": diff}
 
 
-def load_eval_model(path: PathLike, device: Optional[Union[str, torch.device]] = None) -> nn.Module:
-    """A backbone for evaluation: an `.onnx` file (run by onnxruntime) or a `save_backbone` file
-    or checkpoint directory holding `backbone.pt` (moved to `device`)."""
+def load_eval_model(path: PathLike, device: Optional[Union[str, torch.device]] = None,
+                    arch: Optional[str] = None,
+                    convention: InputConvention = InputConvention()) -> nn.Module:
+    """A backbone for evaluation: an `.onnx` file (run by onnxruntime), or a `save_backbone` file,
+    checkpoint directory or insightface state_dict (architecture `arch`, or inferred; moved to
+    `device`). `convention` is the input the model expects; when it differs from ours the model
+    is wrapped to convert our preprocessed images to it."""
     from partial_fc.models import load_backbone
 
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        return OnnxBackbone(path, device=device)
-    model = load_backbone(path)
-    return model.to(device) if device is not None else model
+        model: nn.Module = OnnxBackbone(path, device=device)
+    else:
+        model = load_backbone(path, arch=arch)
+        model = model.to(device) if device is not None else model
+    return model if convention.is_ours() else Reconvention(model, convention)

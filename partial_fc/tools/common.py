@@ -18,7 +18,33 @@ def autocast_dtype(name: str) -> Optional[torch.dtype]:
     return {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--arch for insightface state_dicts and the input convention of foreign models."""
+    from partial_fc.eval.embedding import INPUT_MEAN, INPUT_STD
+    from partial_fc.models import MODEL_NAMES
+
+    parser.add_argument("--arch", choices=MODEL_NAMES,
+                        help="architecture of an insightface state_dict (backbone.pth); "
+                             "default: inferred from its keys")
+    parser.add_argument("--input-mean", type=float, default=INPUT_MEAN,
+                        help=f"the model takes (pixel - mean) / std (default {INPUT_MEAN})")
+    parser.add_argument("--input-std", type=float, default=INPUT_STD,
+                        help=f"see --input-mean (default {INPUT_STD}; insightface's: 127.5)")
+    parser.add_argument("--bgr", action="store_true",
+                        help="the model takes BGR channel order (default RGB)")
+
+
+def load_model_from_args(args: argparse.Namespace, device: torch.device):
+    """The eval model that `add_model_arguments` options and `args.model` describe."""
+    from partial_fc.eval.embedding import InputConvention
+    from partial_fc.eval.onnx_model import load_eval_model
+
+    convention = InputConvention(mean=args.input_mean, std=args.input_std, bgr=args.bgr)
+    return load_eval_model(args.model, device=device, arch=args.arch, convention=convention)
+
+
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=128,
                         help="images per forward (default 128)")
     parser.add_argument("--device", default="auto",

@@ -19,16 +19,17 @@ import numpy as np
 
 from partial_fc.eval import metrics
 from partial_fc.eval.ijb import evaluate_ijb
-from partial_fc.eval.onnx_model import load_eval_model
 from partial_fc.eval.plots import plot_roc
 from partial_fc.eval.verification import evaluate_bins
-from partial_fc.tools.common import add_inference_arguments, autocast_dtype, resolve_device
+from partial_fc.tools.common import (add_inference_arguments, autocast_dtype, load_model_from_args,
+                                     resolve_device)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfc-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path,
-                        help="backbone.pt, a checkpoint directory holding it, or an .onnx file")
+                        help="backbone.pt, a checkpoint directory holding it, an insightface "
+                             "state_dict (backbone.pth) or an .onnx file")
     parser.add_argument("bins", type=Path, nargs="*", help="verification .bin files (LFW, CFP-FP, ...)")
     parser.add_argument("--ijb-root", type=Path, help="an IJB-B/C release (meta/, loose_crop/)")
     parser.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default="IJBC")
@@ -87,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.bins and args.ijb_root is None:
         build_parser().error("give at least one .bin file or --ijb-root")
     device = resolve_device(args.device)
-    model = load_eval_model(args.model, device=device)
+    model = load_model_from_args(args, device)
     amp = autocast_dtype(args.amp)
 
     sets = evaluate_bins(model, args.bins, batch_size=args.batch_size, device=device,

@@ -1,9 +1,13 @@
-"""pfc-export: ONNX export of a trained backbone (dynamic batch), checked through onnxruntime.
+"""pfc-export: a trained backbone as ONNX (dynamic batch, checked through onnxruntime) or as an
+insightface state_dict.
 
     pfc-export runs/exp/checkpoints/step_5000 model.onnx
+    pfc-export runs/exp/checkpoints/step_5000 backbone.pth --format insightface
+    pfc-export backbone.pth model.onnx --arch r100        # an insightface state_dict as ONNX
 
-Prints JSON {"path", "max_abs_diff"} and fails when onnxruntime and PyTorch disagree by more
-than --tolerance.
+ONNX: prints JSON {"path", "max_abs_diff"} and fails when onnxruntime and PyTorch disagree by
+more than --tolerance. insightface: writes the plain state_dict arcface_torch's
+`get_model(arch).load_state_dict(torch.load(path))` takes and prints JSON {"path", "arch"}.
 """
 from __future__ import annotations
 
@@ -13,14 +17,19 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from partial_fc.eval.onnx_model import export_and_check
-from partial_fc.models import load_backbone
+from partial_fc.models import MODEL_NAMES, infer_architecture, load_backbone, save_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfc-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path,
-                        help="backbone.pt or a checkpoint directory holding it")
-    parser.add_argument("output", type=Path, help="the .onnx file to write")
+                        help="backbone.pt, a checkpoint directory holding it, or an insightface "
+                             "state_dict (backbone.pth)")
+    parser.add_argument("output", type=Path, help="the .onnx (or, with --format insightface, "
+                                                  ".pth) file to write")
+    parser.add_argument("--format", choices=("onnx", "insightface"), default="onnx")
+    parser.add_argument("--arch", choices=MODEL_NAMES,
+                        help="architecture of an insightface state_dict input (default: inferred)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     parser.add_argument("--tolerance", type=float, default=1e-4,
@@ -31,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    model = load_backbone(args.checkpoint)
+    model = load_backbone(args.checkpoint, arch=args.arch)
+    if args.format == "insightface":
+        arch, _ = infer_architecture(model.state_dict())
+        path = save_backbone(args.output, model, arch, format="insightface")
+        print(json.dumps({"path": str(path), "arch": arch}))
+        return 0
     result = export_and_check(model, args.output, tolerance=args.tolerance, opset=args.opset,
                               exporter=args.exporter, input_size=tuple(args.input_size))
     print(json.dumps(result))

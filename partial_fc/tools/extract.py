@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from partial_fc.eval.extraction import extract_features, write_features
-from partial_fc.eval.onnx_model import load_eval_model
-from partial_fc.tools.common import add_inference_arguments, autocast_dtype, resolve_device
+from partial_fc.tools.common import (add_inference_arguments, autocast_dtype, load_model_from_args,
+                                     resolve_device)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfc-extract", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path,
-                        help="backbone.pt, a checkpoint directory holding it, or an .onnx file")
+                        help="backbone.pt, a checkpoint directory holding it, an insightface "
+                             "state_dict (backbone.pth) or an .onnx file")
     parser.add_argument("source", type=Path, help="a folder of aligned face crops, or a .rec file")
     parser.add_argument("output", type=Path, help="features .npy (keys go to <name>.keys.npy)")
     parser.add_argument("--idx", type=Path, help="the .idx of a .rec (default: beside it)")
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
-    model = load_eval_model(args.model, device=device)
+    model = load_model_from_args(args, device)
     feats, keys, labels = extract_features(
         model, args.source, idx_path=args.idx, batch_size=args.batch_size, device=device,
         num_workers=args.num_workers, flip=args.flip, normalize=args.normalize,

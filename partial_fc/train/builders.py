@@ -32,18 +32,29 @@ def build_head(head_cfg: DictConfig) -> nn.Module:
     return HEAD_CLASSES[name](**kwargs)
 
 
-def build_backbone(model_cfg: DictConfig) -> nn.Module:
-    from ..models import get_model
+# Model-specific keys passed on to get_model when the model group sets them (vit_*).
+MODEL_EXTRA_KEYS = ("drop_path_rate", "mask_ratio")
 
-    return get_model(model_cfg.name, **backbone_kwargs(model_cfg))
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    """The backbone; with ``model.pretrained`` (our backbone.pt, a checkpoint directory or an
+    insightface state_dict) it starts from those weights, checked key by key."""
+    from ..models import get_model, load_pretrained
+
+    model = get_model(model_cfg.name, **backbone_kwargs(model_cfg))
+    if model_cfg.get("pretrained"):
+        load_pretrained(model, str(model_cfg.pretrained))
+    return model
 
 
 def backbone_kwargs(model_cfg: DictConfig) -> dict:
-    return {
+    kwargs = {
         "embedding_size": int(model_cfg.embedding_size),
         "dropout": float(model_cfg.dropout),
         "activation_checkpointing": bool(model_cfg.activation_checkpointing),
     }
+    kwargs.update({k: float(model_cfg[k]) for k in MODEL_EXTRA_KEYS if k in model_cfg})
+    return kwargs
 
 
 GEMM_DTYPE_OF_PRECISION = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}

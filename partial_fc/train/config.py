@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.datasets import LABEL_CHECKS
+from ..models.factory import MODEL_NAMES as MODELS
 
-MODELS = ("r18", "r34", "r50", "r100", "r200", "mbf", "tiny")
 HEADS = ("npcface", "arcface", "cosface", "mvsoftmax", "curricularface")
 OPTIMIZERS = ("sgd", "adamw")
 FORMATS = ("synthetic", "recordio", "folder")
@@ -80,6 +81,14 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg, "model.name", lambda v: v in MODELS, f"must be one of {MODELS}")
     _require(cfg, "model.embedding_size", _positive_int, "must be a positive integer")
     _require(cfg, "model.dropout", lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)")
+    for key in ("model.drop_path_rate", "model.mask_ratio"):  # vit_* only
+        if _get(cfg, key) is not None:
+            _require(cfg, key, lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)")
+    pretrained = _get(cfg, "model.pretrained")
+    if pretrained is not None and not (isinstance(pretrained, str) and Path(pretrained).exists()):
+        raise ConfigError(f"model.pretrained must name an existing backbone file or checkpoint "
+                          f"directory (ours or insightface's state_dict) or be null, "
+                          f"got {pretrained!r}")
 
     _require(cfg, "head.name", lambda v: v in HEADS, f"must be one of {HEADS}")
     _require(cfg, "head.s", lambda v: _number(v) and v > 0, "must be > 0")
