@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..sharding import shard_range
+from .agreement import rank_spans
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -111,6 +112,75 @@ def resolve_resume(root: Path, resume: str) -> Optional[Path]:
     return path
 
 
+class IncompleteCheckpointError(FileNotFoundError):
+    """The ranks cannot resume together: they found different checkpoints (or some none), or a
+    file a rank must read is missing; the message names the ranks, checkpoints and files."""
+
+
+def needed_files(path: Path, num_classes: int, world_size: int, rank: int) -> List[str]:
+    """The files of checkpoint ``path`` that ``rank`` of ``world_size`` reads on resume: its
+    classifier shard(s) (those of the old ranks whose rows overlap its class range, when the
+    world size changed), and on rank 0 the trainer state. Other ranks receive that from rank 0."""
+    old_world = int(json.loads((path / MANIFEST).read_text())["world_size"])
+    names = ["trainer.pt"] if rank == 0 else []
+    if old_world == world_size:
+        return names + [f"shard_{rank:05d}.pt"]
+    start, count = shard_range(num_classes, world_size, rank)
+    olds = {0}  # shared entries (optimizer groups, buffers) come from the first old shard
+    for old_rank in range(old_world):
+        old_start, old_count = shard_range(num_classes, old_world, old_rank)
+        if max(start, old_start) < min(start + count, old_start + old_count):
+            olds.add(old_rank)
+    return names + [f"shard_{r:05d}.pt" for r in sorted(olds)]
+
+
+def agree_on_resume(root: Path, resume: str, num_classes: int, rank: int, world_size: int,
+                    group=None) -> Tuple[Optional[Path], bool]:
+    """Collective: the checkpoint every rank resumes from (None: all start afresh), and whether
+    ranks other than 0 lack ``trainer.pt`` (then rank 0 sends its content, see ``broadcast_main_state``).
+
+    Each rank looks in its own ``root`` (nodes may not share a filesystem). Raises
+    :class:`IncompleteCheckpointError` on every rank when they found different checkpoints, some
+    found none, or a file they must read is missing: a run never restarts from scratch silently.
+    """
+    path = resolve_resume(root, resume)
+    report = {"found": path.name if path is not None else None, "where": str(path or root),
+              "missing": [], "has_main": False}
+    if path is not None:
+        report["missing"] = [str(path / n) for n in needed_files(path, num_classes, world_size, rank)
+                             if not (path / n).is_file()]
+        report["has_main"] = (path / "trainer.pt").is_file()
+    reports = [report]
+    if group is not None and world_size > 1:
+        reports = [None] * world_size
+        dist.all_gather_object(reports, report, group=group)
+    found = {}
+    for r, rep in enumerate(reports):
+        found.setdefault(rep["found"], []).append(r)
+    if len(found) > 1:
+        lines = [rank_spans(ranks) + " " + (f"resume from {name}" if name else "find no checkpoint")
+                 + f" (rank {ranks[0]} looked in {reports[ranks[0]]['where']})"
+                 for name, ranks in found.items()]
+        raise IncompleteCheckpointError(
+            f"rank {rank}/{world_size}: the ranks do not find the same checkpoint (trainer.resume={resume}); "
+            "each node's run directory must hold the checkpoints its ranks wrote:\n  " + "\n  ".join(lines))
+    missing = [(r, f) for r, rep in enumerate(reports) for f in rep["missing"]]
+    if missing:
+        raise IncompleteCheckpointError(
+            f"rank {rank}/{world_size}: cannot resume from {path.name if path else None}: "
+            f"{len(missing)} file(s) missing (a node's run directory lacks what its ranks wrote, "
+            f"or the world size changed and the shards lie on other nodes):\n  "
+            + "\n  ".join(f"rank {r} needs {f}" for r, f in missing))
+    return path, path is not None and not all(rep["has_main"] for rep in reports)
+
+
+def broadcast_main_state(state: Optional[Dict], group) -> Dict:
+    """Rank 0's ``trainer.pt`` content (``state``, None elsewhere) on every rank of ``group``."""
+    box = [state]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def _barrier(group) -> None:
     if group is not None:
         dist.barrier(group=group)
@@ -125,7 +195,13 @@ class CheckpointWriter:
 
     def save(self, step: int, main_state: Dict, shard_state: Dict, manifest: Dict,
              backbone_writer=None) -> Path:
-        """Write one checkpoint; every rank calls this with its own ``shard_state``."""
+        """Write one checkpoint; every rank calls this with its own ``shard_state``.
+
+        Nodes need not share a filesystem: each rank writes its shard into the directory it sees,
+        and the lowest rank that sees a directory completes it (``MANIFEST.json``, rename,
+        ``latest``, pruning). On a shared filesystem that is rank 0 alone; with per-node run
+        directories each node's copy holds its ranks' shards and rank 0's also the trainer state.
+        """
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
         if self.rank == 0:
@@ -134,13 +210,17 @@ class CheckpointWriter:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         _barrier(self.group)
+        tmp.mkdir(parents=True, exist_ok=True)  # a node whose disk rank 0 does not write
         atomic_torch_save(shard_state, tmp / f"shard_{self.rank:05d}.pt")
         if self.rank == 0:
             atomic_torch_save(main_state, tmp / "trainer.pt")
             if backbone_writer is not None:
                 backbone_writer(tmp / "backbone.pt")
         _barrier(self.group)
-        if self.rank == 0:
+        seen = sorted(int(p.name[6:11]) for p in tmp.glob("shard_*.pt"))
+        completes = bool(seen) and seen[0] == self.rank
+        _barrier(self.group)  # every rank has looked before any directory is renamed
+        if completes:
             atomic_write_text(tmp / MANIFEST, json.dumps({**manifest, "step": step,
                                                           "world_size": self.world_size}, indent=1))
             _fsync_dir(tmp)

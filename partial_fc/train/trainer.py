@@ -233,8 +233,14 @@ class Trainer:
             log.info("checkpoint written: %s", path)
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
-        main = ckpt.load(path / "trainer.pt")
+    def load_checkpoint(self, path: Path, main_from_rank0: bool = False) -> None:
+        """Restore from ``path``; ``main_from_rank0``: the trainer state comes from rank 0 (nodes
+        that do not share a filesystem have only their own shards)."""
+        if main_from_rank0:
+            main = ckpt.broadcast_main_state(ckpt.load(path / "trainer.pt") if self.rank == 0 else None,
+                                             self.group)
+        else:
+            main = ckpt.load(path / "trainer.pt")
         self.backbone.load_state_dict(main["backbone"])
         self.optimizers[0].load_state_dict(main["backbone_optimizer"])
         self.scaler.load_state_dict(main["scaler"])
@@ -415,9 +421,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Dict:
         """Train to ``max_steps`` (or ``stop_at``); returns a summary."""
-        path = ckpt.resolve_resume(self.s.run_dir / "checkpoints", self.s.resume)
+        self.phase = "resume (ranks compare the checkpoints they find)"
+        path, main_from_rank0 = ckpt.agree_on_resume(self.s.run_dir / "checkpoints", self.s.resume,
+                                                     self.classifier.num_classes, self.rank,
+                                                     self.world_size, self.group)
         if path is not None:
-            self.load_checkpoint(path)
+            self.load_checkpoint(path, main_from_rank0)
         self.stop.discard_stale(path)
         end = self.s.stop_at if self.s.stop_at is not None else self.s.max_steps
         self.logger = MetricLogger(self.s.run_dir, enabled=self.rank == 0, resume_step=self.step)
