@@ -45,7 +45,18 @@ def _flatten(value, prefix: str, out: Dict[str, str]) -> None:
         for key in sorted(value, key=str):
             _flatten(value[key], f"{prefix}.{key}" if prefix else str(key), out)
     else:
-        out[prefix] = json.dumps(value, sort_keys=True, default=str)
+        out[prefix] = json.dumps(_canonical(value), sort_keys=True, default=str)
+
+
+def _canonical(value):
+    """Numbers compare by value: ``head.s=64`` on one node equals ``s: 64.0`` in another's YAML."""
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def config_record(cfg: DictConfig, per_node_keys: Sequence[str] = PER_NODE_KEYS) -> Dict[str, str]:
@@ -115,7 +126,7 @@ def rank_spans(ranks: List[int]) -> str:
 
 def describe_differences(records: Sequence[Mapping[str, str]]) -> List[str]:
     """One line per key whose value is not the same on every rank (``records[r]`` is rank r's),
-    e.g. ``head.s differs: ranks 0-3 have 64.0, ranks 4-7 have 32.0``; a key a rank lacks shows
+    e.g. ``head.s differs: ranks 0-3 have 64, ranks 4-7 have 32`` (integral numbers as integers); a key a rank lacks shows
     as ``<absent>``. Keys sorted; empty when all agree."""
     keys = sorted(set().union(*records))
     lines = []
@@ -125,7 +136,7 @@ def describe_differences(records: Sequence[Mapping[str, str]]) -> List[str]:
             by_value.setdefault(record.get(key, "<absent>"), []).append(rank)
         if len(by_value) > 1:
             parts = sorted(by_value.items(), key=lambda kv: kv[1][0])
-            lines.append(f"{key} differs: " + ", ".join(f"{rank_spans(r)} have {v}" for v, r in parts))
+            lines.append(f"{key} differs: " + ", ".join(f"{rank_spans(r)} {'has' if len(r) == 1 else 'have'} {v}" for v, r in parts))
     return lines
 
 

@@ -158,7 +158,9 @@ def agree_on_resume(root: Path, resume: str, num_classes: int, rank: int, world_
     for r, rep in enumerate(reports):
         found.setdefault(rep["found"], []).append(r)
     if len(found) > 1:
-        lines = [rank_spans(ranks) + " " + (f"resume from {name}" if name else "find no checkpoint")
+        one = len(ranks) == 1
+        lines = [rank_spans(ranks) + " " + (f"resume{'s' if one else ''} from {name}" if name
+                                            else f"find{'s' if one else ''} no checkpoint")
                  + f" (rank {ranks[0]} looked in {reports[ranks[0]]['where']})"
                  for name, ranks in found.items()]
         raise IncompleteCheckpointError(

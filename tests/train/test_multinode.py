@@ -107,7 +107,7 @@ def test_a_node_started_with_another_override_fails_fast_naming_the_key(tmp_path
                         timeout=150)
     for n, (code, out) in enumerate(results):
         assert code != 0, out[-4000:]
-        assert "head.s differs: rank 0 has 64.0, rank 1 has 32" in out.replace("have", "has"), out[-4000:]
+        assert "head.s differs: rank 0 has 64, rank 1 has 32" in out, out[-4000:]
         assert not node_dir(tmp_path, n).exists() or not any(node_dir(tmp_path, n).iterdir())
     # far below the 60-s collective and init timeouts: nothing waited for a peer
     assert time.monotonic() - start < 60
