@@ -158,11 +158,12 @@ def agree_on_resume(root: Path, resume: str, num_classes: int, rank: int, world_
     for r, rep in enumerate(reports):
         found.setdefault(rep["found"], []).append(r)
     if len(found) > 1:
-        one = len(ranks) == 1
-        lines = [rank_spans(ranks) + " " + (f"resume{'s' if one else ''} from {name}" if name
-                                            else f"find{'s' if one else ''} no checkpoint")
-                 + f" (rank {ranks[0]} looked in {reports[ranks[0]]['where']})"
-                 for name, ranks in found.items()]
+        def says(name, ranks):
+            verb_s = "s" if len(ranks) == 1 else ""
+            what = f"resume{verb_s} from {name}" if name else f"find{verb_s} no checkpoint"
+            return f"{rank_spans(ranks)} {what} (rank {ranks[0]} looked in {reports[ranks[0]]['where']})"
+
+        lines = [says(name, ranks) for name, ranks in found.items()]
         raise IncompleteCheckpointError(
             f"rank {rank}/{world_size}: the ranks do not find the same checkpoint (trainer.resume={resume}); "
             "each node's run directory must hold the checkpoints its ranks wrote:\n  " + "\n  ".join(lines))

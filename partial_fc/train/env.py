@@ -146,7 +146,7 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, names
         store=store,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timedelta(seconds=float(timeout_s)),
+        timeout=init_timeout,  # gloo waits this long for the peers' addresses
     )
     if device.type == "cuda":
         kwargs["device_id"] = device
@@ -161,8 +161,11 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, names
             f"{kwargs['backend']} addresses (a rank died or started with another namespace: rdzv id, "
             f"restart count or multirun job; trainer.init_timeout_s sets the limit). "
             f"Original error: {str(err).splitlines()[0][:300]}") from err
-    # Later store use (new groups, barriers) may wait as long as any collective.
-    store.set_timeout(timedelta(seconds=float(timeout_s)))
+    # From here on the collective timeout applies, to the group and to later store use (new
+    # groups); torch has no public setter for an existing group's timeout.
+    timeout = timedelta(seconds=float(timeout_s))
+    dist.distributed_c10d._set_pg_timeout(timeout)
+    store.set_timeout(timeout)
 
 
 def select_device(requested: str, env: DistEnv) -> torch.device:

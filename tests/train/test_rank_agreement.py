@@ -1,6 +1,8 @@
 """Ranks of one job agree or fail fast: the store namespace, the bounded rendezvous, the
 config/code/dataset check and the per-node checkpoint directories (gloo, in-process ranks)."""
 import shutil
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -128,3 +130,32 @@ def test_nodes_without_a_shared_filesystem_checkpoint_and_resume_together(tmp_pa
         assert "the ranks do not find the same checkpoint" in lost_node, lost_node
         assert "rank 0 resumes from step_00000005" in lost_node
         assert f"rank 1 finds no checkpoint (rank 1 looked in {tmp_path / 'node1' / 'checkpoints'})" in lost_node
+
+
+_MEET = """
+import sys, torch
+from partial_fc.train.env import DistEnv, InitTimeoutError, init_distributed
+rank, port, namespace = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+try:
+    init_distributed(DistEnv(rank=rank, world_size=2, master_port=port), torch.device("cpu"), 600,
+                     namespace, init_timeout_s=2)
+except InitTimeoutError as err:
+    sys.exit(str(err))
+"""
+
+
+def test_ranks_in_different_namespaces_fail_creating_the_group_within_the_init_timeout():
+    port = free_port()
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", _MEET, str(rank), str(port), f"ns{rank}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.monotonic() - start < 60  # 2 s asked; far below the 600-s collective timeout
+    for rank, (proc, (_, err)) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 1, err[-2000:]
+        assert (f"process group: rank {rank}/2 waited 2s in rendezvous 'ns{rank}' at 127.0.0.1:{port} "
+                f"for the other ranks' gloo addresses") in err, err[-2000:]
