@@ -104,6 +104,8 @@ def check_agreement(cfg: DictConfig, data: PreparedData, env: DistEnv, device: t
     dataset on the same world size; raises :class:`agreement.RankDisagreementError` on all ranks."""
     from . import agreement
 
+    if not env.distributed:
+        return
     record = {**agreement.config_record(cfg), **agreement.code_record(),
               **agreement.dataset_record(data.dataset, data.num_classes), "launch.world_size": str(env.world_size)}
     agreement.check_ranks_agree(record, env.rank, env.world_size, device=device)
