@@ -19,6 +19,7 @@ overlap its class range and slices every per-row tensor (weights, momentum, Adam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +30,8 @@ import torch.distributed as dist
 
 from ..sharding import shard_range
 from .agreement import rank_spans
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -134,47 +137,71 @@ def needed_files(path: Path, num_classes: int, world_size: int, rank: int) -> Li
     return names + [f"shard_{r:05d}.pt" for r in sorted(olds)]
 
 
+def _gather(obj, world_size: int, group) -> List:
+    if group is None or world_size <= 1:
+        return [obj]
+    out: List = [None] * world_size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def agree_on_resume(root: Path, resume: str, num_classes: int, rank: int, world_size: int,
                     group=None) -> Tuple[Optional[Path], bool]:
     """Collective: the checkpoint every rank resumes from (None: all start afresh), and whether
     ranks other than 0 lack ``trainer.pt`` (then rank 0 sends its content, see ``broadcast_main_state``).
 
-    Each rank looks in its own ``root`` (nodes may not share a filesystem). Raises
-    :class:`IncompleteCheckpointError` on every rank when they found different checkpoints, some
-    found none, or a file they must read is missing: a run never restarts from scratch silently.
+    Each rank looks in its own ``root`` (nodes may not share a filesystem). With ``resume=auto``
+    the newest checkpoint complete on every rank is taken (a crash between two nodes completing
+    their copies leaves one node a step ahead; that is logged). Raises
+    :class:`IncompleteCheckpointError` on every rank when some ranks find checkpoints and others
+    none in common, or a file a rank must read is missing: a run never restarts from scratch silently.
     """
-    path = resolve_resume(root, resume)
-    report = {"found": path.name if path is not None else None, "where": str(path or root),
-              "missing": [], "has_main": False}
-    if path is not None:
-        report["missing"] = [str(path / n) for n in needed_files(path, num_classes, world_size, rank)
-                             if not (path / n).is_file()]
-        report["has_main"] = (path / "trainer.pt").is_file()
-    reports = [report]
-    if group is not None and world_size > 1:
-        reports = [None] * world_size
-        dist.all_gather_object(reports, report, group=group)
-    found = {}
-    for r, rep in enumerate(reports):
-        found.setdefault(rep["found"], []).append(r)
-    if len(found) > 1:
+    if resume == "auto":
+        names = [p.name for p in complete_checkpoints(root)]
+        where = str(root)
+    else:
+        try:
+            path = resolve_resume(root, resume)
+            names, where, error = ([path.name] if path is not None else []), str(path or root), None
+        except FileNotFoundError as err:  # said on every rank, not only where it happened
+            names, where, error = [], str(root), str(err)
+    seen = _gather({"names": names, "where": where, "error": error if resume != "auto" else None},
+                   world_size, group)
+    errors = [(r, rep["error"]) for r, rep in enumerate(seen) if rep["error"]]
+    if errors:
+        raise IncompleteCheckpointError(f"rank {rank}/{world_size}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
+    common = set.intersection(*(set(r["names"]) for r in seen))
+    if not common and any(r["names"] for r in seen):
+        by_newest: Dict[Optional[str], List[int]] = {}
+        for r, rep in enumerate(seen):
+            by_newest.setdefault(rep["names"][-1] if rep["names"] else None, []).append(r)
+
         def says(name, ranks):
             verb_s = "s" if len(ranks) == 1 else ""
-            what = f"resume{verb_s} from {name}" if name else f"find{verb_s} no checkpoint"
-            return f"{rank_spans(ranks)} {what} (rank {ranks[0]} looked in {reports[ranks[0]]['where']})"
+            what = f"find{verb_s} {name} at the newest" if name else f"find{verb_s} no checkpoint"
+            return f"{rank_spans(ranks)} {what} (rank {ranks[0]} looked in {seen[ranks[0]]['where']})"
 
-        lines = [says(name, ranks) for name, ranks in found.items()]
         raise IncompleteCheckpointError(
-            f"rank {rank}/{world_size}: the ranks do not find the same checkpoint (trainer.resume={resume}); "
-            "each node's run directory must hold the checkpoints its ranks wrote:\n  " + "\n  ".join(lines))
-    missing = [(r, f) for r, rep in enumerate(reports) for f in rep["missing"]]
-    if missing:
+            f"rank {rank}/{world_size}: the ranks find no checkpoint in common (trainer.resume={resume}); "
+            "each node's run directory must hold the checkpoints its ranks wrote:\n  "
+            + "\n  ".join(says(name, ranks) for name, ranks in by_newest.items()))
+    if not common:
+        return None, False
+    chosen = max(common)
+    path = root / chosen if resume == "auto" else Path(where)
+    if resume == "auto" and names[-1] != chosen:
+        log.warning("resuming from %s, the newest checkpoint every rank has; this rank also has %s",
+                    chosen, ", ".join(n for n in names if n > chosen))
+    missing = [str(path / n) for n in needed_files(path, num_classes, world_size, rank)
+               if not (path / n).is_file()]
+    reports = _gather({"missing": missing, "has_main": (path / "trainer.pt").is_file()}, world_size, group)
+    missing_all = [(r, f) for r, rep in enumerate(reports) for f in rep["missing"]]
+    if missing_all:
         raise IncompleteCheckpointError(
-            f"rank {rank}/{world_size}: cannot resume from {path.name if path else None}: "
-            f"{len(missing)} file(s) missing (a node's run directory lacks what its ranks wrote, "
-            f"or the world size changed and the shards lie on other nodes):\n  "
-            + "\n  ".join(f"rank {r} needs {f}" for r, f in missing))
-    return path, path is not None and not all(rep["has_main"] for rep in reports)
+            f"rank {rank}/{world_size}: cannot resume from {chosen}: {len(missing_all)} file(s) missing "
+            f"(a node's run directory lacks what its ranks wrote, or the world size changed and the "
+            f"shards lie on other nodes):\n  " + "\n  ".join(f"rank {r} needs {f}" for r, f in missing_all))
+    return path, not all(rep["has_main"] for rep in reports)
 
 
 def broadcast_main_state(state: Optional[Dict], group) -> Dict:

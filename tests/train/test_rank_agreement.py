@@ -106,6 +106,10 @@ def _per_node_checkpoint_worker(rank, world_size, base):
     listing = sorted(p.name for p in path.iterdir())
     resumed = _resume(root, rank, world_size)
     dist.barrier()
+    if rank == 0:  # a crash after rank 0's node completed step 7, before the other node did
+        ckpt.CheckpointWriter(root, 0, 1, keep=3).save(7, main, {"rows": {}}, {"num_classes": 6})
+    dist.barrier()
+    behind = _resume(root, rank, world_size)
     if rank == 1:
         (path / "shard_00001.pt").unlink()
     dist.barrier()
@@ -114,7 +118,7 @@ def _per_node_checkpoint_worker(rank, world_size, base):
         shutil.rmtree(root)
     dist.barrier()
     lost_node = _resume(root, rank, world_size)
-    return listing, resumed, missing_shard, lost_node
+    return listing, resumed, behind, missing_shard, lost_node
 
 
 def test_nodes_without_a_shared_filesystem_checkpoint_and_resume_together(tmp_path):
@@ -122,13 +126,15 @@ def test_nodes_without_a_shared_filesystem_checkpoint_and_resume_together(tmp_pa
     assert results[0][:2] == (["MANIFEST.json", "shard_00000.pt", "trainer.pt"], ("step_00000005", True, 5))
     assert results[1][:2] == (["MANIFEST.json", "shard_00001.pt"], ("step_00000005", True, 5))
     shard = tmp_path / "node1" / "checkpoints" / "step_00000005" / "shard_00001.pt"
-    for rank, (_, _, missing_shard, lost_node) in enumerate(results):
+    for rank, (_, _, behind, missing_shard, lost_node) in enumerate(results):
+        assert behind == ("step_00000005", True, 5)  # the newest checkpoint every rank has
         # a node that lost its shard fails the resume on every rank, naming the file
-        assert missing_shard.startswith(f"rank {rank}/2: cannot resume from step_00000005: 1 file(s) missing")
+        assert missing_shard.startswith(f"rank {rank}/2: cannot resume from step_00000005: 1 file(s) missing"), \
+            missing_shard
         assert f"rank 1 needs {shard}" in missing_shard
         # ranks that find different checkpoints never start from scratch
-        assert "the ranks do not find the same checkpoint" in lost_node, lost_node
-        assert "rank 0 resumes from step_00000005" in lost_node
+        assert "the ranks find no checkpoint in common" in lost_node, lost_node
+        assert "rank 0 finds step_00000007 at the newest" in lost_node
         assert f"rank 1 finds no checkpoint (rank 1 looked in {tmp_path / 'node1' / 'checkpoints'})" in lost_node
 
 
