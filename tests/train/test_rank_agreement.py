@@ -165,3 +165,19 @@ def test_ranks_in_different_namespaces_fail_creating_the_group_within_the_init_t
         assert proc.returncode == 1, err[-2000:]
         assert (f"process group: rank {rank}/2 waited 2s in rendezvous 'ns{rank}' at 127.0.0.1:{port} "
                 f"for the other ranks' gloo addresses") in err, err[-2000:]
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
+def test_init_timeout_is_configured_and_validated(trainer):
+    from hydra import compose, initialize_config_dir
+
+    from partial_fc.train.config import ConfigError, validate_config
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"trainer={trainer}"])
+        bad = compose(config_name="config", overrides=[f"trainer={trainer}", "trainer.init_timeout_s=0"])
+    validate_config(cfg)
+    assert 0 < cfg.trainer.init_timeout_s <= cfg.trainer.collective_timeout_s
+    with pytest.raises(ConfigError, match=r"^trainer.init_timeout_s must be > 0, got 0$"):
+        validate_config(bad)
