@@ -7,7 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
@@ -16,7 +16,9 @@ from partial_fc.train import run_training  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run_training(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    job_num = OmegaConf.select(hydra_cfg, "job.num", default=0)  # set in multirun only
+    run_training(cfg, Path(hydra_cfg.runtime.output_dir), job_num=int(job_num or 0))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ overlap its class range and slices every per-row tensor (weights, momentum, Adam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,9 @@ import torch
 import torch.distributed as dist
 
 from ..sharding import shard_range
+from .agreement import rank_spans
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -152,6 +156,102 @@ def resolve_resume(root: Path, resume: str) -> Optional[Path]:
     return path
 
 
+class IncompleteCheckpointError(FileNotFoundError):
+    """The ranks cannot resume together: they found different checkpoints (or some none), or a
+    file a rank must read is missing; the message names the ranks, checkpoints and files."""
+
+
+def needed_files(path: Path, num_classes: int, world_size: int, rank: int) -> List[str]:
+    """The files of checkpoint ``path`` that ``rank`` of ``world_size`` reads on resume: its
+    classifier shard(s) (those of the old ranks whose rows overlap its class range, when the
+    world size changed), and on rank 0 the trainer state. Other ranks receive that from rank 0."""
+    old_world = int(json.loads((path / MANIFEST).read_text())["world_size"])
+    names = ["trainer.pt"] if rank == 0 else []
+    if old_world == world_size:
+        return names + [f"shard_{rank:05d}.pt"]
+    start, count = shard_range(num_classes, world_size, rank)
+    olds = {0}  # shared entries (optimizer groups, buffers) come from the first old shard
+    for old_rank in range(old_world):
+        old_start, old_count = shard_range(num_classes, old_world, old_rank)
+        if max(start, old_start) < min(start + count, old_start + old_count):
+            olds.add(old_rank)
+    return names + [f"shard_{r:05d}.pt" for r in sorted(olds)]
+
+
+def _gather(obj, world_size: int, group) -> List:
+    if group is None or world_size <= 1:
+        return [obj]
+    out: List = [None] * world_size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def agree_on_resume(root: Path, resume: str, num_classes: int, rank: int, world_size: int,
+                    group=None) -> Tuple[Optional[Path], bool]:
+    """Collective: the checkpoint every rank resumes from (None: all start afresh), and whether
+    ranks other than 0 lack ``trainer.pt`` (then rank 0 sends its content, see ``broadcast_main_state``).
+
+    Each rank looks in its own ``root`` (nodes may not share a filesystem). With ``resume=auto``
+    the newest checkpoint complete on every rank is taken (a crash between two nodes completing
+    their copies leaves one node a step ahead; that is logged). Raises
+    :class:`IncompleteCheckpointError` on every rank when some ranks find checkpoints and others
+    none in common, or a file a rank must read is missing: a run never restarts from scratch silently.
+    """
+    if resume == "auto":
+        names = [p.name for p in complete_checkpoints(root)]
+        where = str(root)
+    else:
+        try:
+            path = resolve_resume(root, resume)
+            names, where, error = ([path.name] if path is not None else []), str(path or root), None
+        except FileNotFoundError as err:  # said on every rank, not only where it happened
+            names, where, error = [], str(root), str(err)
+    seen = _gather({"names": names, "where": where, "error": error if resume != "auto" else None},
+                   world_size, group)
+    errors = [(r, rep["error"]) for r, rep in enumerate(seen) if rep["error"]]
+    if errors:
+        raise IncompleteCheckpointError(f"rank {rank}/{world_size}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
+    common = set.intersection(*(set(r["names"]) for r in seen))
+    if not common and any(r["names"] for r in seen):
+        by_newest: Dict[Optional[str], List[int]] = {}
+        for r, rep in enumerate(seen):
+            by_newest.setdefault(rep["names"][-1] if rep["names"] else None, []).append(r)
+
+        def says(name, ranks):
+            verb_s = "s" if len(ranks) == 1 else ""
+            what = f"find{verb_s} {name} at the newest" if name else f"find{verb_s} no checkpoint"
+            return f"{rank_spans(ranks)} {what} (rank {ranks[0]} looked in {seen[ranks[0]]['where']})"
+
+        raise IncompleteCheckpointError(
+            f"rank {rank}/{world_size}: the ranks find no checkpoint in common (trainer.resume={resume}); "
+            "each node's run directory must hold the checkpoints its ranks wrote:\n  "
+            + "\n  ".join(says(name, ranks) for name, ranks in by_newest.items()))
+    if not common:
+        return None, False
+    chosen = max(common)
+    path = root / chosen if resume == "auto" else Path(where)
+    if resume == "auto" and names[-1] != chosen:
+        log.warning("resuming from %s, the newest checkpoint every rank has; this rank also has %s",
+                    chosen, ", ".join(n for n in names if n > chosen))
+    missing = [str(path / n) for n in needed_files(path, num_classes, world_size, rank)
+               if not (path / n).is_file()]
+    reports = _gather({"missing": missing, "has_main": (path / "trainer.pt").is_file()}, world_size, group)
+    missing_all = [(r, f) for r, rep in enumerate(reports) for f in rep["missing"]]
+    if missing_all:
+        raise IncompleteCheckpointError(
+            f"rank {rank}/{world_size}: cannot resume from {chosen}: {len(missing_all)} file(s) missing "
+            f"(a node's run directory lacks what its ranks wrote, or the world size changed and the "
+            f"shards lie on other nodes):\n  " + "\n  ".join(f"rank {r} needs {f}" for r, f in missing_all))
+    return path, not all(rep["has_main"] for rep in reports)
+
+
+def broadcast_main_state(state: Optional[Dict], group) -> Dict:
+    """Rank 0's ``trainer.pt`` content (``state``, None elsewhere) on every rank of ``group``."""
+    box = [state]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def _barrier(group) -> None:
     if group is not None:
         dist.barrier(group=group)
@@ -166,7 +266,13 @@ class CheckpointWriter:
 
     def save(self, step: int, main_state: Dict, shard_state: Dict, manifest: Dict,
              backbone_writer=None) -> Path:
-        """Write one checkpoint; every rank calls this with its own ``shard_state``."""
+        """Write one checkpoint; every rank calls this with its own ``shard_state``.
+
+        Nodes need not share a filesystem: each rank writes its shard into the directory it sees,
+        and the lowest rank that sees a directory completes it (``MANIFEST.json``, rename,
+        ``latest``, pruning). On a shared filesystem that is rank 0 alone; with per-node run
+        directories each node's copy holds its ranks' shards and rank 0's also the trainer state.
+        """
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
         if self.rank == 0:
@@ -175,13 +281,17 @@ class CheckpointWriter:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         _barrier(self.group)
+        tmp.mkdir(parents=True, exist_ok=True)  # a node whose disk rank 0 does not write
         atomic_torch_save(shard_state, tmp / f"shard_{self.rank:05d}.pt")
         if self.rank == 0:
             atomic_torch_save(main_state, tmp / "trainer.pt")
             if backbone_writer is not None:
                 backbone_writer(tmp / "backbone.pt")
         _barrier(self.group)
-        if self.rank == 0:
+        seen = sorted(int(p.name[6:11]) for p in tmp.glob("shard_*.pt"))
+        completes = bool(seen) and seen[0] == self.rank
+        _barrier(self.group)  # every rank has looked before any directory is renamed
+        if completes:
             atomic_write_text(tmp / MANIFEST, json.dumps({**manifest, "step": step,
                                                           "world_size": self.world_size}, indent=1))
             _fsync_dir(tmp)

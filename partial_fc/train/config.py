@@ -120,6 +120,7 @@ def validate_config(cfg: DictConfig) -> None:
     if dump is not None and not _non_negative_int(dump):
         raise ConfigError(f"trainer.dump_margins_every must be an integer >= 0, got {dump!r}")
     _require(cfg, "trainer.collective_timeout_s", lambda v: _number(v) and v > 0, "must be > 0")
+    _require(cfg, "trainer.init_timeout_s", lambda v: _number(v) and v > 0, "must be > 0")
     poll = OmegaConf.select(cfg, "trainer.stop_poll_s", default=5.0)
     if not (_number(poll) and poll >= 0):
         raise ConfigError(f"trainer.stop_poll_s must be a number >= 0, got {poll!r}")

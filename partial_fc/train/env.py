@@ -85,39 +85,95 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
     return DistEnv()
 
 
-def rendezvous_store(env: DistEnv, timeout: timedelta, namespace: str = "",
+class InitTimeoutError(RuntimeError):
+    """The ranks did not meet within ``trainer.init_timeout_s``; the message names the phase
+    (``rendezvous`` or ``process group``), the store address and namespace, and who was awaited."""
+
+
+def job_namespace(environ: Optional[Mapping[str, str]] = None, job_num: int = 0) -> str:
+    """The store namespace of this (re)start of this job, from what every rank shares by construction.
+
+    torchrun: its run id (``--rdzv_id``, ``TORCHELASTIC_RUN_ID``) and restart count; Slurm without
+    torchrun: the job id, step id and requeue count; a plain process: nothing (rank 0 hosts a store
+    of its own). ``job_num`` is the Hydra multirun job number (several jobs in one torchrun share the
+    agent's store). Never a path or a clock: nodes name their run directories differently.
+    """
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        source = f"torchrun/{env['TORCHELASTIC_RUN_ID']}/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    elif "SLURM_JOB_ID" in env:
+        source = (f"slurm/{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}"
+                  f"/restart_{env.get('SLURM_RESTART_COUNT', '0')}")
+    else:
+        source = "local"
+    return f"partial_fc/{source}/job_{int(job_num)}"
+
+
+def rendezvous_store(env: DistEnv, timeout: timedelta, namespace: str,
                      environ: Optional[Mapping[str, str]] = None):
-    """The key-value store the ranks meet in, with keys private to this (re)start of this job.
+    """The key-value store the ranks meet in, with keys private to ``namespace`` (:func:`job_namespace`).
 
     Under torchrun the agent hosts the store and keeps it across restarts (``--max-restarts``)
     and across the jobs of a Hydra multirun in one torchrun; without a prefix per attempt and per
-    job (``namespace``, e.g. the run directory), a new gloo group reads an earlier group's peer
-    addresses and fails to connect or hangs (seen with torch 2.13). Elsewhere rank 0 hosts the store.
+    job, a new gloo group reads an earlier group's peer addresses and fails to connect or hangs
+    (seen with torch 2.13). Elsewhere rank 0 hosts the store. Raises :class:`InitTimeoutError`
+    when the store cannot be reached (or, on rank 0, not every rank connects) within ``timeout``.
     """
     environ = os.environ if environ is None else environ
     agent_hosts_store = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
-                          is_master=not agent_hosts_store and env.rank == 0, timeout=timeout)
-    attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"partial_fc/{namespace}/attempt_{attempt}", store)
+    is_master = not agent_hosts_store and env.rank == 0
+    try:
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                              is_master=is_master, timeout=timeout)
+    except (RuntimeError, TimeoutError) as err:  # DistStoreError is a RuntimeError
+        if is_master:
+            waited = f"waited for the other {env.world_size - 1} ranks to connect to the store it hosts"
+        else:
+            host = "the torchrun agent" if agent_hosts_store else "rank 0"
+            waited = f"could not reach the store of {host}"
+        raise InitTimeoutError(
+            f"rendezvous {namespace!r} at {env.master_addr}:{env.master_port}: rank {env.rank}/"
+            f"{env.world_size} {waited} within {timeout.total_seconds():g}s (a node never arrived, or "
+            f"MASTER_ADDR/MASTER_PORT differ between nodes; trainer.init_timeout_s sets the limit). "
+            f"Original error: {str(err).splitlines()[0][:300]}") from err
+    return dist.PrefixStore(namespace, store)
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, namespace: str = "") -> None:
-    """Create the default process group (nccl on CUDA, gloo on CPU) with a collective timeout;
-    ``namespace`` keeps the store keys of different jobs in one launcher apart."""
+def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, namespace: str,
+                     init_timeout_s: Optional[float] = None) -> None:
+    """Create the default process group (nccl on CUDA, gloo on CPU) with a collective timeout
+    ``timeout_s``; meeting the other ranks (store and group creation) is bounded by
+    ``init_timeout_s`` (default ``timeout_s``) and raises :class:`InitTimeoutError` past it.
+    ``namespace`` (:func:`job_namespace`) keeps the store keys of different jobs in one launcher apart."""
     if not env.distributed or dist.is_initialized():
         return
-    timeout = timedelta(seconds=float(timeout_s))
+    init_timeout = timedelta(seconds=float(init_timeout_s if init_timeout_s is not None else timeout_s))
+    store = rendezvous_store(env, init_timeout, namespace)
     kwargs = dict(
         backend="nccl" if device.type == "cuda" else "gloo",
-        store=rendezvous_store(env, timeout, namespace),
+        store=store,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=timeout,
+        timeout=init_timeout,  # gloo waits this long for the peers' addresses
     )
     if device.type == "cuda":
         kwargs["device_id"] = device
-    dist.init_process_group(**kwargs)
+    try:
+        dist.init_process_group(**kwargs)
+    except (RuntimeError, TimeoutError) as err:
+        if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+            raise
+        raise InitTimeoutError(
+            f"process group: rank {env.rank}/{env.world_size} waited {init_timeout.total_seconds():g}s "
+            f"in rendezvous {namespace!r} at {env.master_addr}:{env.master_port} for the other ranks' "
+            f"{kwargs['backend']} addresses (a rank died or started with another namespace: rdzv id, "
+            f"restart count or multirun job; trainer.init_timeout_s sets the limit). "
+            f"Original error: {str(err).splitlines()[0][:300]}") from err
+    # From here on the collective timeout applies, to the group and to later store use (new
+    # groups); torch has no public setter for an existing group's timeout.
+    timeout = timedelta(seconds=float(timeout_s))
+    dist.distributed_c10d._set_pg_timeout(timeout)
+    store.set_timeout(timeout)
 
 
 def select_device(requested: str, env: DistEnv) -> torch.device:

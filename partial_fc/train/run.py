@@ -13,7 +13,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .config import validate_config
-from .env import DistEnv, detect_env, init_distributed, select_device
+from .env import DistEnv, detect_env, init_distributed, job_namespace, select_device
 
 log = logging.getLogger("partial_fc.train")
 
@@ -99,8 +99,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, env: DistE
     return trainer
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
-    """Train as ``cfg`` says, writing into ``run_dir``; returns the summary (also on disk)."""
+def check_agreement(cfg: DictConfig, data: PreparedData, env: DistEnv, device: torch.device) -> None:
+    """Every rank must run the same config (less :data:`agreement.PER_NODE_KEYS`), code and
+    dataset on the same world size; raises :class:`agreement.RankDisagreementError` on all ranks."""
+    from . import agreement
+
+    if not env.distributed:
+        return
+    record = {**agreement.config_record(cfg), **agreement.code_record(),
+              **agreement.dataset_record(data.dataset, data.num_classes), "launch.world_size": str(env.world_size)}
+    agreement.check_ranks_agree(record, env.rank, env.world_size, device=device)
+
+
+def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the summary (also on disk).
+    ``job_num``: the Hydra multirun job number (part of the rendezvous namespace)."""
     validate_config(cfg)  # before any process group, file or download
     env = detect_env()
     _setup_logging(env.rank)
@@ -115,8 +128,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> Dict:
         _setup_threads(cfg, env.local_world_size)
         data = prepare_data(cfg, is_local_main=env.local_rank == 0)
 
-        init_distributed(env, device, float(cfg.trainer.collective_timeout_s), namespace=str(run_dir))
+        init_distributed(env, device, float(cfg.trainer.collective_timeout_s), job_namespace(job_num=job_num),
+                         init_timeout_s=float(cfg.trainer.init_timeout_s))
         try:
+            check_agreement(cfg, data, env, device)  # before anything is written to run_dir
             _setup_determinism(cfg, env.rank)
             if env.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)

@@ -260,8 +260,14 @@ class Trainer:
             log.info("checkpoint written: %s", path)
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
-        main = ckpt.load(path / "trainer.pt")
+    def load_checkpoint(self, path: Path, main_from_rank0: bool = False) -> None:
+        """Restore from ``path``; ``main_from_rank0``: the trainer state comes from rank 0 (nodes
+        that do not share a filesystem have only their own shards)."""
+        if main_from_rank0:
+            main = ckpt.broadcast_main_state(ckpt.load(path / "trainer.pt") if self.rank == 0 else None,
+                                             self.group)
+        else:
+            main = ckpt.load(path / "trainer.pt")
         ckpt.load_into(self.backbone, main["backbone"], path / "trainer.pt", "backbone")
         self.optimizers[0].load_state_dict(main["backbone_optimizer"])
         self.scaler.load_state_dict(main["scaler"])
@@ -491,9 +497,13 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> Dict:
         """Train to ``max_steps`` (or ``stop_at``); returns a summary."""
-        path = ckpt.resolve_resume(self.s.run_dir / "checkpoints", self.s.resume)
-        if path is not None:
-            self.load_checkpoint(path)
+        self.phase = "resume (ranks compare the checkpoints they find)"
+        with self._named_timeouts():
+            path, main_from_rank0 = ckpt.agree_on_resume(self.s.run_dir / "checkpoints", self.s.resume,
+                                                         self.classifier.num_classes, self.rank,
+                                                         self.world_size, self.group)
+            if path is not None:
+                self.load_checkpoint(path, main_from_rank0)
         self.stop.discard_stale(path)
         end = self.s.stop_at if self.s.stop_at is not None else self.s.max_steps
         self.logger = MetricLogger(self.s.run_dir, enabled=self.rank == 0, resume_step=self.step)
@@ -505,11 +515,8 @@ class Trainer:
             bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
         restore_signal = self.stop.install()  # a no-op when run_training installed it already
         try:
-            self._loop(end, bar)
-        except Exception as err:
-            if self.group is not None and _is_timeout(err):
-                raise self._timeout_error(err) from err
-            raise
+            with self._named_timeouts():
+                self._loop(end, bar)
         finally:
             restore_signal()
             if bar is not None:
@@ -531,6 +538,16 @@ class Trainer:
             f"not complete{limit} (a peer hung or died; trainer.collective_timeout_s sets the limit)"
             f"{missing}. Original error: {str(err).splitlines()[0][:500]}"
         )
+
+    @contextlib.contextmanager
+    def _named_timeouts(self):
+        """A collective timing out inside becomes a :class:`CollectiveTimeoutError` naming ``phase``."""
+        try:
+            yield
+        except Exception as err:
+            if self.group is not None and _is_timeout(err):
+                raise self._timeout_error(err) from err
+            raise
 
     def _loop(self, end: int, bar) -> None:
         """Validation at step 0, then steps with logging, validation and checkpoints."""
