@@ -137,6 +137,10 @@ def test_time_limit_checkpoints_requeues_and_resumes_without_redoing_a_step(clus
     info = _wait_restarts(cluster, job, 1, timeout=200)
     assert int(info.get("Restarts", 0)) == 1, f"{info}\n{out_file.read_text()[-3000:]}"
     first = _checkpointed_stop(run_dir)["steps"]
+    # Restarts counts the requeue as soon as it is asked for; the first start may still be ending
+    # (its batch step is cancelled "due to job requeue"): wait until the job is queued again.
+    info = cluster.wait_job(job, {"PENDING", "FAILED", "COMPLETED", "CANCELLED"}, timeout=120)
+    assert info["JobState"] == "PENDING", f"{info}\n{out_file.read_text()[-2000:]}\n{cluster.logs(60)}"
     cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     info = cluster.wait_job(job, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}, timeout=200)
     output = out_file.read_text()
