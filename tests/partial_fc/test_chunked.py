@@ -4,11 +4,12 @@ import torch
 
 import npc_head
 import partial_fc
-from dist_harness import run_workers
-from margin_reference import make_head, make_problem, reference_loss
 from npc_head.base import MarginHead
 from partial_fc.chunked import chunked_margin_loss, default_block_size
 from partial_fc.reference import reference_margin_loss
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.margin_reference import make_head, make_problem, reference_loss
 
 NPC_DEFAULT = dict(s=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.2)
 NPC_OTHER = dict(s=32.0, m0=0.3, m1=0.5, t=1.3, alpha=0.15, hard_margin=0.2)

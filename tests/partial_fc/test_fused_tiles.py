@@ -13,12 +13,14 @@ import torch
 
 import npc_head
 import partial_fc
-from dist_harness import run_workers
-from margin_reference import make_head, make_problem, reference_loss
 from partial_fc.chunked import chunked_margin_loss
 from partial_fc.fused_tiles import FusedTiles, compiler_unavailable_reason
 from partial_fc.reference import reference_margin_loss
-from test_chunked import ARC, COS, NPC_DEFAULT, NPC_OTHER, HardSquareHead, _assert_same, _losses
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.margin_reference import make_head, make_problem, reference_loss
+from tests.partial_fc.test_chunked import (ARC, COS, NPC_DEFAULT, NPC_OTHER, HardSquareHead,
+                                           _assert_same, _losses)
 
 HEADS = {
     "npcface": lambda: make_head("npcface", NPC_DEFAULT),
