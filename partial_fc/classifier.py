@@ -1,4 +1,8 @@
-"""The model-parallel Partial FC classifier."""
+"""The model-parallel Partial FC classifier: ``PartialFC`` shards the class centres, gathers the
+global batch and runs each step on one of two paths, the reference path
+(:func:`partial_fc.reference.reference_margin_loss`, ``impl="reference"``) or the chunked path
+(:func:`partial_fc.chunked.chunked_margin_loss`, ``impl="chunked"``, optionally with the fused
+tiles of :mod:`partial_fc.fused_tiles`)."""
 from __future__ import annotations
 
 import warnings
