@@ -1,5 +1,7 @@
 """The reference path of the sharded margin-softmax loss: the [global batch x scored classes]
-logits materialised at once (`impl="reference"`; the chunked path is `partial_fc.chunked`)."""
+logits materialised at once (``impl="reference"``; the chunked path is :mod:`partial_fc.chunked`).
+Also the helpers both paths share (working dtype, target cosines, negative statistics).
+The step, with every collective and shape: docs/ALGORITHM.md, section 5."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
