@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1024, help="global (gathered) batch")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--head", choices=["npcface", "arcface"], default="npcface")
-    p.add_argument("--impl", choices=["reference", "chunked", "auto"], default="chunked")
+    p.add_argument("--impl", choices=partial_fc.classifier.IMPLS, default="chunked")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
                    help="chunked: one compiled pass per tile and direction (head.fused)")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,

@@ -38,7 +38,7 @@ def parse_args(argv=None):
                    help="classes on this device (default: MS1MV3's 93,431 over 8 GPUs)")
     p.add_argument("--head", choices=["npcface", "arcface", "none"], default="npcface",
                    help="none: backbone only (as the anchor's backbone rows, bench/RESULTS.md)")
-    p.add_argument("--impl", choices=["auto", "reference", "chunked"], default="auto")
+    p.add_argument("--impl", choices=partial_fc.classifier.IMPLS, default="auto")
     p.add_argument("--sample-rate", type=float, default=1.0)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                    help="backbone autocast; default bf16 on CUDA, fp32 on CPU")

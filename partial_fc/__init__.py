@@ -1,6 +1,6 @@
 """NPCFace on a model-parallel Partial FC classifier."""
 from . import optim
-from .partial_fc import PartialFC
+from .classifier import PartialFC
 from .sharding import shard_range
 from .softmax import distributed_cross_entropy
 

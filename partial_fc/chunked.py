@@ -1,6 +1,6 @@
 """The sharded margin-softmax loss computed block by block over this rank's classes.
 
-Same contract and results as :func:`partial_fc.margin_loss.materialized_margin_loss`, but the
+Same contract and results as :func:`partial_fc.reference.reference_margin_loss`, but the
 [global batch x classes] logits never exist: only one [global batch x block] tile at a time.
 
 Forward (one sweep over the class blocks):
@@ -33,7 +33,7 @@ from npc_head.base import select_rows
 
 from .distributed import all_reduce
 from .fused_tiles import FusedTiles
-from .margin_loss import LOW_PRECISION, compute_dtype, gather_target_cosines
+from .reference import LOW_PRECISION, compute_dtype, gather_target_cosines
 
 # F.normalize's default floor on the norm; the chunked path reproduces it exactly.
 NORM_EPS = 1e-12
@@ -406,7 +406,7 @@ def chunked_margin_loss(
     """Per-row margin-softmax loss of the global batch against this rank's class rows, computed
     over blocks of ``block_size`` classes without materialising the logits.
 
-    Same contract and results as :func:`partial_fc.margin_loss.materialized_margin_loss`:
+    Same contract and results as :func:`partial_fc.reference.reference_margin_loss`:
     ``embeddings`` [Bg, D] is the global batch, ``weight`` [n, D] this rank's scored class rows,
     ``target_index`` [Bg] the local row of each target or -1. Returns the per-row loss (identical
     on all ranks) and detached per-row diagnostics (the head's, plus ``target_cos``).

@@ -1,14 +1,11 @@
-import sys
+"""Fixtures shared by every test package. The tests are packages (``tests/__init__.py``), so
+pytest puts the repository root on ``sys.path`` and helpers import as ``tests.helpers.<module>``."""
 from pathlib import Path
 
 import pytest
 import torch
 
-TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:  # shared helpers (dist_harness, references) live here
-    sys.path.insert(0, str(TESTS_DIR))
-
-REPO_ROOT = TESTS_DIR.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
 
 
@@ -17,6 +14,17 @@ def fixtures_dir() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f"MXNet-written fixtures not found at {SHARED_FIXTURES}")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory) -> Path:
+    """10 identities x 4 images (+ 20 verification pairs) from the synthetic generator."""
+    from partial_fc.data import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic_small")
+    generate_synthetic(root, num_identities=10, images_per_identity=4, family_size=2,
+                       num_heldout_identities=4, num_pairs=20, seed=3, workers=1, progress=False)
+    return root
 
 
 def pytest_collection_modifyitems(config, items):

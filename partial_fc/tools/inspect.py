@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from partial_fc.data.inspection import exit_status, format_report, inspect_dataset
+from partial_fc.data.inspect import exit_status, format_report, inspect_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from torch import nn
 import npc_head
 
 from ..optim import build_classifier_optimizer
-from ..partial_fc import PartialFC
+from ..classifier import PartialFC
 from .stop import StopRequest
 from .trainer import TrainSettings, stop_request_for
 

@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 
-from bench_scripts import load_bench_script
 from partial_fc.data import RecordIOReader, unpack
+
+from tests.helpers.bench_scripts import load_bench_script
 
 bench = load_bench_script("loader")
 

@@ -8,9 +8,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bench_scripts import load_bench_script
 from partial_fc.eval import metrics
 from partial_fc.models import get_model, save_backbone
+
+from tests.helpers.bench_scripts import load_bench_script
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from slurm_harness import REPO
+from tests.helpers.slurm_harness import REPO
 
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / "docker" / "Dockerfile.dockerignore"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from real_slurm import SlurmCluster, unavailable
-from slurm_harness import REPO, SLURM_DIR
+from tests.helpers.real_slurm import SlurmCluster, unavailable
+from tests.helpers.slurm_harness import REPO, SLURM_DIR
 
 SBATCH = SLURM_DIR / "train.sbatch"
 _WHY = unavailable()

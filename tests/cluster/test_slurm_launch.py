@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_harness import REPO, SLURM_DIR, ScriptRun, free_port, launcher_env
+from tests.helpers.slurm_harness import REPO, SLURM_DIR, ScriptRun, free_port, launcher_env
 
 TORCHRUN_CMD = SLURM_DIR / "torchrun_cmd.sh"
 SBATCH = SLURM_DIR / "train.sbatch"

@@ -19,7 +19,7 @@ from hydra.utils import instantiate  # noqa: E402
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from slurm_harness import REPO, STANDINS  # noqa: E402
+from tests.helpers.slurm_harness import REPO, STANDINS  # noqa: E402
 
 
 def _compose(*overrides):

@@ -1,4 +1,5 @@
-"""Shared fixtures for the data tests: the MXNet-written reference files and small generated sets."""
+"""Fixtures of the data tests: the MXNet-written reference files (``synthetic_small`` is in
+``tests/conftest.py``, shared with ``tests/tools/``)."""
 from __future__ import annotations
 
 import shutil
@@ -25,14 +26,3 @@ def insightface_copy(recordio_fixtures, tmp_path) -> Path:
     for p in dst.iterdir():
         p.chmod(0o644)
     return dst
-
-
-@pytest.fixture(scope="session")
-def synthetic_small(tmp_path_factory) -> Path:
-    """10 identities x 4 images (+ 20 verification pairs) from the synthetic generator."""
-    from partial_fc.data import generate_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic_small")
-    generate_synthetic(root, num_identities=10, images_per_identity=4, family_size=2,
-                       num_heldout_identities=4, num_pairs=20, seed=3, workers=1, progress=False)
-    return root

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pfc_data_helpers import jpeg_bytes, make_identity_folder
 from partial_fc.data import (
     BadSampleError,
     FaceRecordDataset,
@@ -24,6 +23,8 @@ from partial_fc.data import (
 )
 from partial_fc.data.image import decode_image_pil
 from partial_fc.data.transforms import eval_transform, flip_image, normalize_batch, normalize_image
+
+from tests.helpers.data_files import jpeg_bytes, make_identity_folder
 
 
 def _write_insightface(root, images, labels, ranges=None, num_classes=None):

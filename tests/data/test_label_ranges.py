@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 
-from pfc_data_helpers import jpeg_bytes
 from partial_fc.data import FaceRecordDataset, IRHeader, LabelError, RecordIOWriter, pack
 from partial_fc.data.sampler import DistributedShardSampler
 from partial_fc.tools import inspect as inspect_tool
 from partial_fc.train.data import AugmentedFaces, BatchStream
+
+from tests.helpers.data_files import jpeg_bytes
 
 LABELS = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # keys 1..12, correct
 RANGES = [(1, 5), (5, 10), (10, 13)]  # identity 1's range wrongly holds key 9 (label 2)

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pfc_data_helpers import jpeg_bytes
 from partial_fc.data import FaceRecordDataset, ImageFolderDataset, IRHeader, LabelError, RecordIOWriter, pack
 from partial_fc.data.packing import PackError, fit_image, pack_dataset
 from partial_fc.tools import inspect as inspect_tool
 from partial_fc.tools import pack as pack_tool
+
+from tests.helpers.data_files import jpeg_bytes
 
 
 def _orl_like(root, ids=2, per_id=3, size_hw=(112, 92)):

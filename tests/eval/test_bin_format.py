@@ -3,18 +3,15 @@ import hashlib
 import json
 import pickle
 import struct
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_synthetic_faces import make_pairs, write_bin  # noqa: E402
+from partial_fc.data import decode_image
+from partial_fc.eval import load_bin
+from partial_fc.eval.bin_format import read_bin_records
 
-from partial_fc.data import decode_image  # noqa: E402
-from partial_fc.eval import load_bin  # noqa: E402
-from partial_fc.eval.bin_format import read_bin_records  # noqa: E402
+from tests.helpers.eval_synthetic_faces import make_pairs, write_bin
 
 
 def test_fixture_pairs_bin_loads(fixtures_dir):

@@ -1,22 +1,19 @@
 """IJB-B/C 1:1: alignment, media/template pooling and the whole pipeline on a generated release."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_synthetic_faces import (face_image, make_ijb_release,  # noqa: E402
-                             random_similarity, reference_warp)
-
-from partial_fc.data import decode_image  # noqa: E402
-from partial_fc.eval import metrics  # noqa: E402
-from partial_fc.eval.alignment import (ARCFACE_TEMPLATE, align_face,  # noqa: E402
+from partial_fc.data import decode_image
+from partial_fc.eval import metrics
+from partial_fc.eval.alignment import (ARCFACE_TEMPLATE, align_face,
                                        estimate_similarity, warp_affine)
-from partial_fc.eval.ijb import (evaluate_ijb, pair_scores, read_ijb_meta,  # noqa: E402
+from partial_fc.eval.ijb import (evaluate_ijb, pair_scores, read_ijb_meta,
                                  template_features)
+
+from tests.helpers.eval_synthetic_faces import (face_image, make_ijb_release,
+                                                random_similarity, reference_warp)
 
 
 def test_similarity_estimate_recovers_a_known_transform():

@@ -3,22 +3,19 @@
 Each ONNX file is generated here from a tiny PyTorch backbone (wrapped to take the foreign input
 convention), and its embeddings must equal those of the PyTorch backbone on our input."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_synthetic_faces import make_pairs, write_bin  # noqa: E402
+from partial_fc.eval import load_bin
+from partial_fc.eval.embedding import InputConvention, embed_images
+from partial_fc.eval.onnx_model import OnnxBackbone, export_onnx, load_eval_model
+from partial_fc.models import get_model, save_backbone
+from partial_fc.tools import eval as eval_tool
 
-from partial_fc.eval import load_bin  # noqa: E402
-from partial_fc.eval.embedding import InputConvention, embed_images  # noqa: E402
-from partial_fc.eval.onnx_model import OnnxBackbone, export_onnx, load_eval_model  # noqa: E402
-from partial_fc.models import get_model, save_backbone  # noqa: E402
-from partial_fc.tools import eval as eval_tool  # noqa: E402
+from tests.helpers.eval_synthetic_faces import make_pairs, write_bin
 
 
 class TheirInput(nn.Module):

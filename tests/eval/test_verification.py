@@ -1,18 +1,15 @@
 """evaluate_bins: flip-fused embeddings and the k-fold protocol, checked by a numpy re-computation."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_synthetic_faces import make_pairs, write_bin  # noqa: E402
+from partial_fc.eval import evaluate_bins, load_bin, load_verification_set, metrics
+from partial_fc.eval.verification import evaluate_pairs
+from partial_fc.eval import verification
+from partial_fc.models import get_model
 
-from partial_fc.eval import evaluate_bins, load_bin, load_verification_set, metrics  # noqa: E402
-from partial_fc.eval.verification import evaluate_pairs  # noqa: E402
-from partial_fc.eval import verification  # noqa: E402
-from partial_fc.models import get_model  # noqa: E402
+from tests.helpers.eval_synthetic_faces import make_pairs, write_bin
 
 
 def _reference_embeddings(model, images_hwc):

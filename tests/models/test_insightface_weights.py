@@ -9,7 +9,7 @@ from partial_fc.tools import export as export_tool
 from partial_fc.train import builders
 from partial_fc.train.config import ConfigError, validate_config
 
-from insightface_reference import FORWARDS
+from tests.helpers.insightface_reference import FORWARDS
 
 
 class _Recorder(dict):

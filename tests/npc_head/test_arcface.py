@@ -1,13 +1,16 @@
 """ArcFace (npc_head/arcface.py) alone, through its protocol on float64 cosines, against the
-paper's formula with insightface's fallback past theta_y + m = pi (tests/margin_reference.py)."""
+paper's formula with insightface's fallback past theta_y + m = pi
+(tests/helpers/margin_reference.py)."""
 import math
 
 import pytest
 import torch
 
 import npc_head
-from head_protocol import assert_matches_reference, assert_tile_methods_agree, random_cosines
-from margin_reference import row_logits
+
+from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
+                                         random_cosines)
+from tests.helpers.margin_reference import row_logits
 
 
 @pytest.mark.parametrize("params", [dict(s=64.0, m=0.5), dict(s=32.0, m=0.3),

@@ -1,13 +1,13 @@
 """CosFace (npc_head/arcface.py) alone, through its protocol on float64 cosines, against the
-paper's formula s (c_y - m) (tests/margin_reference.py)."""
+paper's formula s (c_y - m) (tests/helpers/margin_reference.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import npc_head
-from head_protocol import (assert_matches_reference, assert_tile_methods_agree, protocol_loss,
-                           random_cosines)
-from margin_reference import row_logits
+from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
+                                         protocol_loss, random_cosines)
+from tests.helpers.margin_reference import row_logits
 
 
 @pytest.mark.parametrize("params", [dict(s=64.0, m=0.4), dict(s=30.0, m=0.35),

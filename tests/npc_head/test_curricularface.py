@@ -1,5 +1,5 @@
 """CurricularFace (npc_head/curricularface.py) alone, through its protocol on float64 cosines,
-against the paper / authors' per-row formula (tests/npc_head/paper_reference.py), with its
+against the paper / authors' per-row formula (tests/helpers/paper_reference.py), with its
 running t; tests through PartialFC, gloo ranks and checkpoints are in test_mv_curricular.py."""
 import math
 
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import npc_head
-from head_protocol import assert_matches_reference, assert_tile_methods_agree, random_cosines
-from paper_reference import curricular_t_update, row_logits
+
+from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
+                                         random_cosines)
+from tests.helpers.paper_reference import curricular_t_update, row_logits
 
 PARAMS = dict(s=64.0, m=0.5)
 

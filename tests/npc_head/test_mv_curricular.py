@@ -1,7 +1,6 @@
 """MV-Softmax and CurricularFace, sharded (1-3 gloo ranks, reference and chunked paths), against
 float64 references; CurricularFace's running t across ranks and through trainer checkpoints."""
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,11 @@ import torch.distributed as dist
 
 import npc_head
 import partial_fc
-from dist_harness import run_workers
-from margin_reference import make_problem
 from npc_head.base import MarginHead
-from paper_reference import curricular_t_after, make_paper_head, reference_loss
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.margin_reference import make_problem
+from tests.helpers.paper_reference import curricular_t_after, make_paper_head, reference_loss
 
 MV_CASES = [
     ("mv", dict(s=32.0, m=0.35, t=1.2, arc=True, fixed=False)),
@@ -24,7 +24,6 @@ MV_CASES = [
 CURRICULAR = ("curricular", dict(s=64.0, m=0.5))
 CASES = MV_CASES + [CURRICULAR]
 IMPLS = [("reference", None), ("chunked", 4), ("chunked", 64)]
-TRAIN_TESTS = str(Path(__file__).resolve().parents[1] / "train")  # trainer_fixtures
 T_START = 0.45  # a non-trivial running t for CurricularFace (as after some training)
 
 
@@ -217,9 +216,7 @@ def test_sharded_heads_match_float64_reference_over_gloo(world_size):
 
 # ---------------------------------------------------------------------------- checkpoints
 def _checkpoint_worker(rank, world_size, root):
-    if TRAIN_TESTS not in sys.path:
-        sys.path.insert(0, TRAIN_TESTS)
-    from trainer_fixtures import make_trainer
+    from tests.helpers.trainer_fixtures import make_trainer
 
     group = dist.group.WORLD if world_size > 1 else None
 

@@ -1,5 +1,5 @@
 """MV-Softmax (npc_head/mvsoftmax.py) alone, through its protocol on float64 cosines, against the
-paper / authors' per-row formula (tests/npc_head/paper_reference.py); tests through PartialFC
+paper / authors' per-row formula (tests/helpers/paper_reference.py); tests through PartialFC
 and gloo ranks are in test_mv_curricular.py."""
 import math
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import npc_head
-from head_protocol import (assert_matches_reference, assert_tile_methods_agree, protocol_loss,
-                           random_cosines)
-from paper_reference import row_logits
+from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
+                                         protocol_loss, random_cosines)
+from tests.helpers.paper_reference import row_logits
 
 CASES = [
     dict(s=32.0, m=0.35, t=1.2, arc=True, fixed=False),

@@ -1,5 +1,5 @@
 """NPCFace (npc_head/npcface.py) alone, through its protocol on float64 cosines, against the
-paper's per-row formula (tests/margin_reference.py) and its special cases
+paper's per-row formula (tests/helpers/margin_reference.py) and its special cases
 (docs/ALGORITHM.md, "NPCFace")."""
 import math
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import npc_head
-from head_protocol import (assert_matches_reference, assert_tile_methods_agree, protocol_loss,
-                           random_cosines)
-from margin_reference import row_logits
+from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
+                                         protocol_loss, random_cosines)
+from tests.helpers.margin_reference import row_logits
 
 DEFAULTS = dict(s=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.2)
 PARAMS = [

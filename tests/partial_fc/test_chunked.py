@@ -4,11 +4,12 @@ import torch
 
 import npc_head
 import partial_fc
-from dist_harness import run_workers
-from margin_reference import make_head, make_problem, reference_loss
 from npc_head.base import MarginHead
 from partial_fc.chunked import chunked_margin_loss, default_block_size
-from partial_fc.margin_loss import materialized_margin_loss
+from partial_fc.reference import reference_margin_loss
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.margin_reference import make_head, make_problem, reference_loss
 
 NPC_DEFAULT = dict(s=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.2)
 NPC_OTHER = dict(s=32.0, m0=0.3, m1=0.5, t=1.3, alpha=0.15, hard_margin=0.2)
@@ -55,7 +56,7 @@ def _assert_same(got, want, rtol):
 @pytest.mark.parametrize("kind,params", HEADS)
 def test_float64_matches_reference_path_and_formula(kind, params, block_size):
     weight, emb, labels = make_problem(37, 16, 13, seed=21)
-    want = _losses(materialized_margin_loss, make_head(kind, params), weight, emb, labels)
+    want = _losses(reference_margin_loss, make_head(kind, params), weight, emb, labels)
     got = _losses(chunked_margin_loss, make_head(kind, params), weight, emb, labels,
                   block_size=block_size)
     _assert_same(got, want, 1e-10)
@@ -74,7 +75,7 @@ def test_float64_matches_reference_path_and_formula(kind, params, block_size):
 def test_float32_matches_reference_path(kind, params):
     weight, emb, labels = make_problem(301, 32, 48, seed=8)
     weight, emb = weight.float(), emb.float()
-    want = _losses(materialized_margin_loss, make_head(kind, params), weight, emb, labels)
+    want = _losses(reference_margin_loss, make_head(kind, params), weight, emb, labels)
     got = _losses(chunked_margin_loss, make_head(kind, params), weight, emb, labels,
                   block_size=64)
     _assert_same(got, want, 1e-5)
@@ -83,7 +84,7 @@ def test_float32_matches_reference_path(kind, params):
 @pytest.mark.parametrize("block_size", [3, 50])
 def test_head_without_closed_form_slope_uses_autograd(block_size):
     weight, emb, labels = make_problem(23, 8, 10, seed=2)
-    want = _losses(materialized_margin_loss, HardSquareHead(s=20.0), weight, emb, labels)
+    want = _losses(reference_margin_loss, HardSquareHead(s=20.0), weight, emb, labels)
     got = _losses(chunked_margin_loss, HardSquareHead(s=20.0), weight, emb, labels,
                   block_size=block_size)
     _assert_same(got, want, 1e-10)
@@ -96,7 +97,7 @@ def test_targets_owned_elsewhere_and_zero_weight_rows():
     weight[5] = 0.0
     target_index = torch.where(labels % 3 == 0, -1, labels)
     for kind, params in HEADS:
-        want = _losses(materialized_margin_loss, make_head(kind, params), weight, emb, target_index)
+        want = _losses(reference_margin_loss, make_head(kind, params), weight, emb, target_index)
         got = _losses(chunked_margin_loss, make_head(kind, params), weight, emb, target_index,
                       block_size=4)
         _assert_same(got, want, 1e-10)
@@ -107,7 +108,7 @@ def test_row_index_scores_the_selected_rows_without_a_copy():
     index = torch.unique(torch.cat([labels, torch.tensor([0, 3, 17, 33, 39])]))
     target_index = torch.searchsorted(index, labels)
     head = make_head("npcface", NPC_DEFAULT)
-    want = _losses(materialized_margin_loss, head, weight[index], emb, target_index)
+    want = _losses(reference_margin_loss, head, weight[index], emb, target_index)
     got = _losses(chunked_margin_loss, head, weight, emb, target_index, block_size=4,
                   row_index=index)
     full_grad = torch.zeros_like(weight)
@@ -227,7 +228,7 @@ def test_configuration_is_validated_and_auto_is_a_size_rule():
                             torch.tensor([0, 1, 2]), block_size=0)
     module = partial_fc.PartialFC(head, 8, 10)
     assert module.impl == "auto"
-    limit = partial_fc.partial_fc.AUTO_CHUNKED_LOGIT_BYTES
+    limit = partial_fc.classifier.AUTO_CHUNKED_LOGIT_BYTES
     rows = 1024
     below = limit // (4 * rows)
     assert module.resolve_impl(rows, below) == "reference"

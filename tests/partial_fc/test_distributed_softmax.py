@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_harness import run_workers
 from partial_fc import distributed_cross_entropy
+
+from tests.helpers.dist_harness import run_workers
 
 SPLITS = {2: [0, 9, 23], 3: [0, 10, 10, 23]}  # column boundaries; 3 ranks: one owns nothing
 

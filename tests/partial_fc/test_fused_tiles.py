@@ -13,12 +13,14 @@ import torch
 
 import npc_head
 import partial_fc
-from dist_harness import run_workers
-from margin_reference import make_head, make_problem, reference_loss
 from partial_fc.chunked import chunked_margin_loss
 from partial_fc.fused_tiles import FusedTiles, compiler_unavailable_reason
-from partial_fc.margin_loss import materialized_margin_loss
-from test_chunked import ARC, COS, NPC_DEFAULT, NPC_OTHER, HardSquareHead, _assert_same, _losses
+from partial_fc.reference import reference_margin_loss
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.margin_reference import make_head, make_problem, reference_loss
+from tests.partial_fc.test_chunked import (ARC, COS, NPC_DEFAULT, NPC_OTHER, HardSquareHead,
+                                           _assert_same, _losses)
 
 HEADS = {
     "npcface": lambda: make_head("npcface", NPC_DEFAULT),
@@ -49,7 +51,7 @@ def test_fused_float64_matches_reference_path(name):
     weight, emb, labels = make_problem(37, 16, 13, seed=21)
     weight[5] = 0.0  # F.normalize's eps branch, folded into the tile
     target_index = torch.where(labels % 4 == 0, -1, labels)  # some targets owned elsewhere
-    want = _losses(materialized_margin_loss, HEADS[name](), weight, emb, target_index)
+    want = _losses(reference_margin_loss, HEADS[name](), weight, emb, target_index)
     for block_size in (1, 7, 100):
         got = _fused(chunked_margin_loss, HEADS[name](), weight, emb, target_index,
                      block_size=block_size)
@@ -60,7 +62,7 @@ def test_fused_sampled_rows_match_and_only_they_get_gradient():
     weight, emb, labels = make_problem(40, 8, 9, seed=6)
     index = torch.unique(torch.cat([labels, torch.tensor([0, 3, 17, 33, 39])]))
     target_index = torch.searchsorted(index, labels)
-    want = _losses(materialized_margin_loss, HEADS["npcface"](), weight[index], emb, target_index)
+    want = _losses(reference_margin_loss, HEADS["npcface"](), weight[index], emb, target_index)
     got = _fused(chunked_margin_loss, HEADS["npcface"](), weight, emb, target_index,
                  block_size=4, row_index=index)
     full_grad = torch.zeros_like(weight)
@@ -206,7 +208,7 @@ def test_cuda_compiled_tiles_match_reference(name):
         pytest.skip(compiler_unavailable_reason(torch.device("cuda")))
     weight, emb, labels = make_problem(3001, 64, 96, seed=8)
     weight, emb, labels = weight.float().cuda(), emb.float().cuda(), labels.cuda()
-    want = _losses(materialized_margin_loss, HEADS[name]().cuda(), weight, emb, labels)
+    want = _losses(reference_margin_loss, HEADS[name]().cuda(), weight, emb, labels)
     head = HEADS[name]().cuda()
     got = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, block_size=1024)
     _assert_same(got, want, 1e-5)

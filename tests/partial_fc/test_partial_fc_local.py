@@ -6,7 +6,8 @@ import torch
 
 import npc_head
 import partial_fc
-from margin_reference import make_head, make_problem, reference_loss
+
+from tests.helpers.margin_reference import make_head, make_problem, reference_loss
 
 
 def _module(head, C, D, **kw):

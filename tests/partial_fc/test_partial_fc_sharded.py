@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from dist_harness import run_workers
-from margin_reference import make_head, make_problem, reference_loss
-
 import partial_fc
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.margin_reference import make_head, make_problem, reference_loss
 
 NPC_DEFAULT = dict(s=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.2)
 NPC_OTHER = dict(s=32.0, m0=0.3, m1=0.5, t=1.3, alpha=0.15, hard_margin=0.2)

@@ -8,8 +8,9 @@ import torch
 
 import npc_head
 import partial_fc
-from margin_reference import make_problem
 from partial_fc.optim import RowSparseAdamW, RowSparseSGD, build_classifier_optimizer
+
+from tests.helpers.margin_reference import make_problem
 
 C, D, B = 60, 8, 12
 

@@ -8,12 +8,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_harness import run_workers
-from trainer_fixtures import DIM, SIDE, make_trainer
-
 from partial_fc.eval.verification import VerificationSet
 from partial_fc.train import checkpoint as ckpt
 from partial_fc.train.trainer import TrainingDivergedError
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.trainer_fixtures import DIM, SIDE, make_trainer
 
 
 def bn_backbone(seed=0):

@@ -3,7 +3,8 @@ import numpy as np
 import torch
 
 import npc_head
-from trainer_fixtures import make_trainer
+
+from tests.helpers.trainer_fixtures import make_trainer
 
 
 def test_snapshots_at_step_one_every_n_and_the_end(tmp_path):

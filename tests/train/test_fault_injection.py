@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e import REPO, TINY_DATA, losses_by_step, metrics, run_train, train_command
 from partial_fc.train import checkpoint as ckpt
+
+from tests.helpers.e2e import REPO, TINY_DATA, losses_by_step, metrics, run_train, train_command
 
 HERE = Path(__file__).resolve().parent
 COMMON = ["trainer.max_steps=30", "trainer.checkpoint_every=10", "trainer.log_every=1",

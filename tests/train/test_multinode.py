@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import List, Sequence
 
 import pytest
 
-from e2e import REPO, TINY_DATA, TORCHRUN, losses_by_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_harness import free_port  # noqa: E402
+from tests.helpers.dist_harness import free_port
+from tests.helpers.e2e import REPO, TINY_DATA, TORCHRUN, losses_by_step
 
 STEPS = 3
 COMMON = [*TINY_DATA, f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.val_every=0",

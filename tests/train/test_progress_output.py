@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from trainer_fixtures import make_trainer
+from tests.helpers.trainer_fixtures import make_trainer
 
 
 def _fit(tmp_path, caplog):

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from dist_harness import free_port, run_workers
-
 from partial_fc.train import checkpoint as ckpt
 from partial_fc.train.agreement import (RankDisagreementError, check_ranks_agree, config_record,
                                         describe_differences)
 from partial_fc.train.env import DistEnv, InitTimeoutError, init_distributed, job_namespace
+
+from tests.helpers.dist_harness import free_port, run_workers
 
 
 def test_namespace_comes_from_the_launcher_never_from_paths():

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import free_port, run_workers
-from trainer_fixtures import make_trainer, parameters_of
-
 from partial_fc import shard_range
 from partial_fc.train import checkpoint as ckpt
 from partial_fc.train.trainer import CollectiveTimeoutError
+
+from tests.helpers.dist_harness import free_port, run_workers
+from tests.helpers.trainer_fixtures import make_trainer, parameters_of
 
 REPO = Path(__file__).resolve().parents[2]
 

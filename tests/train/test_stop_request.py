@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_harness import run_workers
-from trainer_fixtures import linear_backbone, make_trainer, parameters_of
-
 from partial_fc.train.stop import StopRequest
+
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.trainer_fixtures import linear_backbone, make_trainer, parameters_of
 
 MAX_STEPS = 7
 

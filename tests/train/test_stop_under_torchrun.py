@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from e2e import REPO, TINY_DATA, train_command
+from tests.helpers.e2e import REPO, TINY_DATA, train_command
 
 
 @pytest.mark.slow

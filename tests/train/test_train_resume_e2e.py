@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import losses_by_step, metrics, run_train
+from tests.helpers.e2e import losses_by_step, metrics, run_train
 
 COMMON = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.log_every=1",
           "trainer.deterministic=true", "trainer.val_every=0", "trainer.progress_bar=false",

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_harness import run_workers
-from trainer_fixtures import linear_backbone, make_trainer, parameters_of
+from tests.helpers.dist_harness import run_workers
+from tests.helpers.trainer_fixtures import linear_backbone, make_trainer, parameters_of
 
 
 def _ddp_worker(rank, world_size, run_dir, steps):

@@ -1,4 +1,7 @@
-"""The sharded margin-softmax loss with materialised logits (the reference implementation)."""
+"""The reference path of the sharded margin-softmax loss: the [global batch x scored classes]
+logits materialised at once (``impl="reference"``; the chunked path is :mod:`partial_fc.chunked`).
+Also the helpers both paths share (working dtype, target cosines, negative statistics).
+The step, with every collective and shape: docs/ALGORITHM.md, section 5."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -52,7 +55,7 @@ def sum_negative_stats(local_stats, target_stats, owned_rows, group):
     return all_reduce(local_stats, dist.ReduceOp.SUM, group)
 
 
-def materialized_margin_loss(
+def reference_margin_loss(
     head, embeddings: torch.Tensor, weight: torch.Tensor, target_index: torch.Tensor, group=None
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-row margin-softmax loss of the global batch against this rank's class rows.

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from margin_reference import row_cross_entropy
+from tests.helpers.margin_reference import row_cross_entropy
 
 
 def _theta(cy):

@@ -1,4 +1,5 @@
-"""Summaries and integrity checks of RecordIO face datasets (the ``inspect`` tool's engine)."""
+"""Summaries and integrity checks of RecordIO face datasets: the engine of `pfc-inspect`
+(`partial_fc.tools.inspect`)."""
 from __future__ import annotations
 
 import os

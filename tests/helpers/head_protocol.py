@@ -12,8 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from margin_reference import row_cross_entropy
 from npc_head.base import MarginHead
+
+from tests.helpers.margin_reference import row_cross_entropy
 
 # Spread of the target cosines: every regime of every head (near +1: few or no hard negatives;
 # around 0: NPCFace's and MV-Arc's easy-margin switch; below cos(pi - m): ArcFace's fallback;

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "launch" / "slurm"
-_STANDINS_SOURCE = Path(__file__).resolve().parent / "standins"
+_STANDINS_SOURCE = Path(__file__).resolve().parent / "slurm_standins"
 
 
 def _executable_standins() -> Path:

@@ -8,16 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_synthetic_faces import face_image, make_pairs, write_bin  # noqa: E402
+from partial_fc.eval import load_bin, metrics
+from partial_fc.eval.extraction import output_paths
+from partial_fc.eval.onnx_model import OnnxBackbone, compare_with_torch, export_and_check
+from partial_fc.models import get_model, load_backbone, save_backbone
+from partial_fc.tools import eval as eval_tool
+from partial_fc.tools import export as export_tool
+from partial_fc.tools import extract as extract_tool
 
-from partial_fc.eval import load_bin, metrics  # noqa: E402
-from partial_fc.eval.extraction import output_paths  # noqa: E402
-from partial_fc.eval.onnx_model import OnnxBackbone, compare_with_torch, export_and_check  # noqa: E402
-from partial_fc.models import get_model, load_backbone, save_backbone  # noqa: E402
-from partial_fc.tools import eval as eval_tool  # noqa: E402
-from partial_fc.tools import export as export_tool  # noqa: E402
-from partial_fc.tools import extract as extract_tool  # noqa: E402
+from tests.helpers.eval_synthetic_faces import face_image, make_pairs, write_bin
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,21 +180,21 @@ def test_extract_rec_fixture(demo, fixtures_dir, tmp_path):
     assert np.load(paths["features"]).shape == (expected["num_images"], 128)
 
 
-def test_launch_scripts_and_help(capsys):
+def test_module_entry_points_and_help(capsys):
     import runpy
     import subprocess
 
     # One real process for the entry point; the other two in process to keep the test quick.
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), "--help"],
+    proc = subprocess.run([sys.executable, "-m", "partial_fc.tools.eval", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "pfc-eval" in proc.stdout
-    for tool in ("export", "extract"):
+    for tool, module in (("export", export_tool), ("extract", extract_tool)):
         argv = sys.argv
-        sys.argv = [f"launch/{tool}.py", "--help"]
+        sys.argv = [module.__file__, "--help"]
         try:
             with pytest.raises(SystemExit) as done:
-                runpy.run_path(str(REPO / "launch" / f"{tool}.py"), run_name="__main__")
+                runpy.run_path(module.__file__, run_name="__main__")
         finally:
             sys.argv = argv
         assert done.value.code == 0

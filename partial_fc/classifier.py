@@ -1,4 +1,8 @@
-"""The model-parallel Partial FC classifier."""
+"""The model-parallel Partial FC classifier: ``PartialFC`` shards the class centres, gathers the
+global batch and runs each step on one of two paths, the reference path
+(:func:`partial_fc.reference.reference_margin_loss`, ``impl="reference"``) or the chunked path
+(:func:`partial_fc.chunked.chunked_margin_loss`, ``impl="chunked"``, optionally with the fused
+tiles of :mod:`partial_fc.fused_tiles`)."""
 from __future__ import annotations
 
 import warnings
@@ -10,7 +14,7 @@ from torch import nn
 from .chunked import chunked_margin_loss
 from .distributed import ProcessGroupInfo, all_gather_rows, gather_sizes
 from .fused_tiles import FusedTiles, compiler_unavailable_reason
-from .margin_loss import materialized_margin_loss
+from .reference import reference_margin_loss
 from .sampling import sample_classes, sampling_seed
 from .sharding import shard_range
 
@@ -231,7 +235,7 @@ class PartialFC(nn.Module):
             )
         else:
             weight = self.weight if every_row else self.weight[index]
-            loss, diagnostics = materialized_margin_loss(
+            loss, diagnostics = reference_margin_loss(
                 self.head, global_embeddings, weight, target_index, group
             )
         self.last_impl = impl

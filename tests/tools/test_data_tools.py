@@ -1,4 +1,5 @@
-"""pack / inspect / synthetic: library functions, CLIs and launch/ entry points."""
+"""pfc-pack / pfc-inspect / pfc-synthetic: library functions, CLIs and ``python -m`` entry
+points."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pfc_data_helpers import make_identity_folder
 from partial_fc.data import FaceRecordDataset, LabelError, RecordIOReader, decode_image, generate_synthetic, unpack
 from partial_fc.data.packing import PackError, pack_dataset
 from partial_fc.tools import inspect as inspect_tool
 from partial_fc.tools import pack as pack_tool
 from partial_fc.tools import synthetic as synthetic_tool
+
+from tests.helpers.data_files import make_identity_folder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,12 +129,12 @@ def test_synthetic_identities_and_families_are_ordered_by_likeness(synthetic_sma
     assert 0 < dist[same_id].mean() < dist[same_family].mean() < dist[other].mean()
 
 
-def test_synthetic_cli_and_launch_entry(tmp_path, capsys):
+def test_synthetic_cli_and_module_entry(tmp_path, capsys):
     out = tmp_path / "syn"
     assert synthetic_tool.main([str(out), "--identities", "3", "--images-per-identity", "2", "--heldout-identities",
                                 "2", "--pairs", "4", "--family-size", "1", "--workers", "1", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 6
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "inspect_rec.py"), str(out), "--no-progress"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "partial_fc.tools.inspect", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "classes     3" in proc.stdout
