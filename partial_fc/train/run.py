@@ -42,9 +42,9 @@ def _setup_threads(cfg: DictConfig, local_world_size: int) -> None:
 
 
 def _setup_determinism(cfg: DictConfig, rank: int) -> None:
-    from .trainer import seed_everything
+    from .rng import process_seed, seed_everything
 
-    seed_everything(int(cfg.trainer.seed) * 100003 + rank)
+    seed_everything(process_seed(int(cfg.trainer.seed), rank))
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
