@@ -35,45 +35,49 @@ __all__ = ["Trainer", "TrainSettings", "stop_request_for", "CollectiveTimeoutErr
 
 log = logging.getLogger(__name__)
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+# trainer.precision -> the autocast dtype of the backbone (and the classifier's GEMMs on CUDA).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(AUTOCAST_DTYPES)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSettings:
-    """Everything the loop needs, as plain values (built from the config in one place)."""
+    """Everything the loop needs, as plain values, built from the config by
+    ``builders.build_settings``: each field is the ``trainer.*`` key of its name unless said
+    otherwise, and its default is written once, in ``conf/trainer/cpu.yaml``."""
 
-    run_dir: Path
+    run_dir: Path  # the run's output folder (Hydra's run dir)
     max_steps: int
-    stop_at: Optional[int] = None
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    grad_accum: int = 1
-    clip_grad_norm: Optional[float] = None
-    log_every: int = 10
-    val_every: int = 0
-    val_batch_size: int = 128
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    resume: str = "auto"
-    seed: int = 0
-    warmup_steps: int = 0
-    poly_power: float = 2.0
-    min_lr_factor: float = 0.0
-    channels_last: bool = False
-    progress_bar: bool = True  # on a terminal; elsewhere a log line per log_every steps
-    collective_timeout_s: Optional[float] = None  # only named in errors; the process group enforces it
+    stop_at: Optional[int]
+    precision: str  # one of PRECISIONS
+    grad_accum: int
+    clip_grad_norm: Optional[float]
+    log_every: int
+    val_every: int
+    val_batch_size: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: str
+    seed: int
+    warmup_steps: int  # optim.warmup_steps
+    poly_power: float  # optim.poly_power
+    min_lr_factor: float  # optim.min_lr / optim.lr
+    channels_last: bool
+    progress_bar: bool  # on a terminal; elsewhere a log line per log_every steps
+    collective_timeout_s: Optional[float]  # only named in errors; the process group enforces it
     # A run whose loss or gradient is non-finite this many steps in a row can no longer learn and
     # ends with TrainingDivergedError (fp16's loss scaler skips a few steps early on: the bound
     # leaves room for them). 0: no bound.
-    max_consecutive_skips: int = 25
-    dump_margins_every: int = 0  # >0: rank 0 writes the classifier's per-sample stats (see dump_margins)
+    max_consecutive_skips: int
+    dump_margins_every: int  # >0: rank 0 writes the classifier's per-sample stats (see dump_margins)
     # A request to checkpoint and stop (partial_fc.train.stop): when this file exists for any rank,
     # or a rank receives stop_signal, every rank ends the step it is in, writes a checkpoint and
     # returns (the run continues with resume=auto). stop_file None: <run_dir>/STOP, looked for at
     # most every stop_poll_s seconds; stop_signal None: no handler.
-    stop_file: Optional[Path] = None
-    stop_poll_s: float = 5.0
-    stop_signal: Optional[str] = "SIGUSR1"
-    extra_manifest: Dict = field(default_factory=dict)
+    stop_file: Optional[Path]
+    stop_poll_s: float
+    stop_signal: Optional[str]
+    extra_manifest: Dict = field(default_factory=dict)  # more MANIFEST.json entries (model, head)
 
 
 def stop_request_for(settings: TrainSettings) -> StopRequest:
