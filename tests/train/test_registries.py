@@ -12,7 +12,7 @@ import npc_head
 from partial_fc.models import get_model
 from partial_fc.models.factory import MODEL_NAMES
 from partial_fc.optim import build_classifier_optimizer
-from partial_fc.partial_fc import PartialFC
+from partial_fc import PartialFC
 from partial_fc.train import builders
 from partial_fc.train.config import ConfigError, validate_config
 
