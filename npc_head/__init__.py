@@ -5,4 +5,9 @@ from .curricularface import CurricularFace
 from .mvsoftmax import MVSoftmax
 from .npcface import NPCFace
 
-__all__ = ["MarginHead", "NPCFace", "ArcFace", "CosFace", "MVSoftmax", "CurricularFace"]
+# The registry of heads by their config name (``head.name``); their config keys are the
+# constructors' arguments.
+HEADS = {"npcface": NPCFace, "arcface": ArcFace, "cosface": CosFace, "mvsoftmax": MVSoftmax,
+         "curricularface": CurricularFace}
+
+__all__ = ["MarginHead", "NPCFace", "ArcFace", "CosFace", "MVSoftmax", "CurricularFace", "HEADS"]

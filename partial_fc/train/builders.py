@@ -1,9 +1,13 @@
 """The one place where the Hydra config becomes objects; everything below takes plain arguments."""
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List
+
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import npc_head
@@ -11,25 +15,20 @@ import npc_head
 from ..optim import build_classifier_optimizer
 from ..classifier import PartialFC
 from .stop import StopRequest
-from .trainer import TrainSettings, stop_request_for
+from .trainer import AUTOCAST_DTYPES, Trainer, TrainSettings, stop_request_for
 
-HEAD_KEYS = {
-    "npcface": ("s", "m0", "m1", "t", "alpha", "hard_margin"),
-    "arcface": ("s", "m"),
-    "cosface": ("s", "m"),
-    "mvsoftmax": ("s", "m", "t", "arc", "fixed"),
-    "curricularface": ("s", "m", "momentum"),
-}
-HEAD_CLASSES = {
-    "npcface": npc_head.NPCFace, "arcface": npc_head.ArcFace, "cosface": npc_head.CosFace,
-    "mvsoftmax": npc_head.MVSoftmax, "curricularface": npc_head.CurricularFace,
-}
+
+def head_keys(name: str) -> tuple:
+    """The ``head.*`` config keys head ``name`` takes: its constructor's arguments."""
+    return tuple(inspect.signature(npc_head.HEADS[name]).parameters)
 
 
 def build_head(head_cfg: DictConfig) -> nn.Module:
+    """The margin head ``head.name`` (:data:`npc_head.HEADS`) with the ``head.*`` keys its
+    constructor takes (the others configure the classifier)."""
     name = head_cfg.name
-    kwargs = {k: head_cfg[k] for k in HEAD_KEYS[name] if k in head_cfg}
-    return HEAD_CLASSES[name](**kwargs)
+    kwargs = {k: head_cfg[k] for k in head_keys(name) if k in head_cfg}
+    return npc_head.HEADS[name](**kwargs)
 
 
 # Model-specific keys passed on to get_model when the model group sets them (vit_*).
@@ -42,7 +41,7 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
     from ..models import get_model, load_pretrained
 
     model = get_model(model_cfg.name, **backbone_kwargs(model_cfg))
-    if model_cfg.get("pretrained"):
+    if model_cfg.pretrained:
         load_pretrained(model, str(model_cfg.pretrained))
     return model
 
@@ -57,7 +56,10 @@ def backbone_kwargs(model_cfg: DictConfig) -> dict:
     return kwargs
 
 
-GEMM_DTYPE_OF_PRECISION = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+def gemm_dtype_of(precision: str):
+    """The classifier's GEMM input dtype name for ``trainer.precision`` (None: float32)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return None if dtype is None else str(dtype).replace("torch.", "")
 
 
 def build_classifier(cfg: DictConfig, num_classes: int, group=None) -> PartialFC:
@@ -74,7 +76,7 @@ def build_classifier(cfg: DictConfig, num_classes: int, group=None) -> PartialFC
         impl=str(cfg.head.impl),
         block_size=None if cfg.head.block_size is None else int(cfg.head.block_size),
         fused=bool(cfg.head.fused),
-        gemm_dtype=GEMM_DTYPE_OF_PRECISION[str(cfg.trainer.precision)] if on_cuda else None,
+        gemm_dtype=gemm_dtype_of(str(cfg.trainer.precision)) if on_cuda else None,
     )
 
 
@@ -97,6 +99,7 @@ def build_optimizers(optim_cfg: DictConfig, backbone: nn.Module, classifier: Par
 
 
 def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
+    """The loop's settings from ``trainer.*`` and the schedule's ``optim.*`` keys."""
     t, o = cfg.trainer, cfg.optim
     return TrainSettings(
         run_dir=run_dir,
@@ -119,10 +122,10 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
         channels_last=bool(t.channels_last),
         progress_bar=bool(t.progress_bar),
         collective_timeout_s=float(t.collective_timeout_s),
-        dump_margins_every=int(t.get("dump_margins_every", 0) or 0),
-        stop_file=Path(str(t.stop_file)).expanduser() if t.get("stop_file") else None,
-        stop_poll_s=float(t.get("stop_poll_s", 5.0)),
-        stop_signal=str(t.stop_signal) if t.get("stop_signal") else None,
+        dump_margins_every=int(t.dump_margins_every or 0),  # null: off
+        stop_file=Path(str(t.stop_file)).expanduser() if t.stop_file else None,
+        stop_poll_s=float(t.stop_poll_s),
+        stop_signal=str(t.stop_signal) if t.stop_signal else None,
         extra_manifest={"model": str(cfg.model.name), "head": str(cfg.head.name)},
     )
 
@@ -131,3 +134,65 @@ def build_stop_request(cfg: DictConfig, run_dir: Path) -> StopRequest:
     """The run's stop request: ``trainer.stop_file`` (default ``<run_dir>/STOP``), polled every
     ``trainer.stop_poll_s``, and ``trainer.stop_signal``."""
     return stop_request_for(build_settings(cfg, run_dir))
+
+
+@dataclass
+class PreparedData:
+    """The dataset as found on disk, checked against the config before any process group."""
+
+    root: Path
+    dataset: object
+    num_classes: int
+    val_paths: List[Path]
+
+
+def prepare_data(data_cfg: DictConfig, is_local_main: bool) -> PreparedData:
+    """Find (or generate) the dataset ``data.*`` describes, open it and check
+    ``data.num_classes`` and ``data.val_bins``."""
+    from .data import check_num_classes, ensure_synthetic, existing_root, open_dataset, resolve_val_bins
+
+    fmt = str(data_cfg.format)
+    if fmt == "synthetic":
+        params = OmegaConf.to_container(data_cfg.synthetic, resolve=True)
+        root = ensure_synthetic(str(data_cfg.cache_dir), params, is_local_main)
+    else:
+        root = existing_root(data_cfg.root)
+    label_check = str(data_cfg.label_check) if fmt != "folder" else None
+    dataset = open_dataset(fmt, root, str(data_cfg.on_bad_image), label_check)
+    return PreparedData(root, dataset, check_num_classes(data_cfg.num_classes, dataset),
+                        resolve_val_bins(data_cfg.val_bins, root))
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: torch.device, group=None,
+                  rank: int = 0, world_size: int = 1, stop_request=None) -> Trainer:
+    """Every training object, built from the config; ``group``: the process group of the run
+    (it must exist already; None: one process)."""
+    from ..data import DistributedShardSampler
+    from ..eval.verification import load_verification_set
+    from ..models import save_backbone
+    from .data import AugmentedFaces, BatchStream
+
+    seed = int(cfg.trainer.seed)
+    sampler = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=True,
+                                      seed=seed, drop_last=bool(cfg.data.drop_last))
+    # Workers ship uint8 batches and the trainer normalises them on its device: a quarter of the
+    # bytes through shared and pinned memory (bench/RESULTS.md, "Data loader").
+    batches = BatchStream(AugmentedFaces(data.dataset, seed), sampler, int(cfg.data.batch_size),
+                          int(cfg.data.num_workers), pin_memory=device.type == "cuda")
+    backbone = build_backbone(cfg.model).to(device)
+    if cfg.trainer.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    classifier = build_classifier(cfg, data.num_classes, group).to(device)
+    backbone_optimizer, classifier_optimizer = build_optimizers(cfg.optim, backbone, classifier)
+    val_sets = [load_verification_set(p, progress=False) for p in data.val_paths]
+    model_name, kwargs = str(cfg.model.name), backbone_kwargs(cfg.model)
+
+    def write_backbone(path):
+        save_backbone(path, backbone, model_name, kwargs)
+
+    trainer = Trainer(build_settings(cfg, run_dir), backbone, classifier, backbone_optimizer,
+                      classifier_optimizer, batches, device, val_sets=val_sets, save_backbone=write_backbone,
+                      group=group, rank=rank, world_size=world_size, stop_request=stop_request)
+    if cfg.trainer.compile:
+        trainer.model = torch.compile(trainer.model)
+    return trainer

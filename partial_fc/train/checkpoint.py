@@ -15,6 +15,10 @@ loadable and ``latest`` pointing at it. Everything is loaded with ``weights_only
 
 Resuming on another world size re-shards the classifier: each new rank reads the old shards that
 overlap its class range and slices every per-row tensor (weights, momentum, Adam moments).
+
+:class:`Checkpointer` is the one owner of what a checkpoint holds: the trainer hands it objects
+with ``state_dict`` / ``load_state_dict`` (as torchtitan's ``CheckpointManager`` takes them) and
+it decides what goes into which file, how it re-shards and how it loads.
 """
 from __future__ import annotations
 
@@ -23,12 +27,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..sharding import shard_range
+from . import rng
 from .agreement import rank_spans
 
 log = logging.getLogger(__name__)
@@ -371,3 +376,115 @@ def load_shard_rows(path: Path, num_classes: int, world_size: int, rank: int) ->
         old_count = shard_range(num_classes, old_world, 0)[1]
         return {**shared, "rows": _slice_rows(first["rows"], old_count, 0, 0)}, False
     return {**shared, "rows": _concat_rows(pieces)}, False
+
+
+def classifier_shard_state(classifier: torch.nn.Module, optimizer) -> Dict:
+    """What a rank saves of its classifier shard (``shard_XXXXX.pt`` less ``rng`` and ``rank``):
+    ``rows`` (``weight``, the C_r x D rows; ``optimizer_state``, their per-row optimizer state),
+    ``optimizer_groups``, ``classifier_buffers`` (the head's excluded) and ``head_buffers``."""
+    opt_state = optimizer.state_dict()
+    return {
+        "rows": {"weight": classifier.weight.detach().cpu(), "optimizer_state": opt_state["state"]},
+        "optimizer_groups": opt_state["param_groups"],
+        "classifier_buffers": {k: v.cpu() for k, v in classifier.named_buffers() if not k.startswith("head.")},
+        "head_buffers": {k: v.cpu() for k, v in classifier.head.named_buffers()},
+    }
+
+
+def load_classifier_shard(shard: Dict, classifier: torch.nn.Module, optimizer, path: Path, rank: int) -> None:
+    """Copy a :func:`load_shard_rows` result into ``classifier`` and its ``optimizer`` (in
+    place); rows of another embedding size raise CheckpointError naming ``path``."""
+    rows = shard["rows"]["weight"]
+    if rows.shape != classifier.weight.shape:
+        raise CheckpointError(
+            f"{path}: classifier rows of rank {rank} are {tuple(rows.shape)} (classes x "
+            f"embedding), this run has {tuple(classifier.weight.shape)}; model.embedding_size "
+            "must match the checkpoint's")
+    with torch.no_grad():
+        classifier.weight.copy_(rows)
+    groups = optimizer.state_dict()["param_groups"]
+    for mine, saved in zip(groups, shard["optimizer_groups"]):
+        mine.update({k: v for k, v in saved.items() if k != "params"})
+    optimizer.load_state_dict({"state": shard["rows"]["optimizer_state"], "param_groups": groups})
+    for name, value in shard["classifier_buffers"].items():
+        classifier.get_buffer(name).copy_(value)
+    for name, value in shard["head_buffers"].items():
+        classifier.head.get_buffer(name).copy_(value)
+
+
+class Checkpointer:
+    """Saves and restores a sharded training run (the layout in this module's docstring).
+
+    Args:
+        root: the ``checkpoints`` folder this rank sees.
+        states: name -> object with ``state_dict`` / ``load_state_dict`` saved by rank 0 into
+            ``trainer.pt`` under that name (an ``nn.Module`` is loaded key by key, mismatches
+            named); the same objects on every rank.
+        progress: an object whose ``state_dict`` entries (``step`` among them) are saved at the
+            top level of ``trainer.pt``.
+        classifier / classifier_optimizer: this rank's :class:`partial_fc.PartialFC` shard and its
+            row-sparse optimizer (saved by every rank into ``shard_XXXXX.pt``, re-sharded on load).
+        seed: ``trainer.seed``; seeds the RNGs of a rank whose checkpoint had another world size.
+        manifest: extra entries of ``MANIFEST.json`` (besides num_classes, step, world_size).
+        save_backbone: writes the bare backbone to a path (``backbone.pt``); rank 0 calls it.
+    """
+
+    def __init__(self, root: Path, states: Dict[str, Any], progress: Any, classifier: torch.nn.Module,
+                 classifier_optimizer, rank: int = 0, world_size: int = 1, keep: int = 3, group=None,
+                 seed: int = 0, manifest: Optional[Dict] = None,
+                 save_backbone: Optional[Callable[[Path], None]] = None):
+        self.writer = CheckpointWriter(root, rank, world_size, keep, group)
+        self.states, self.progress = states, progress
+        self.classifier, self.classifier_optimizer = classifier, classifier_optimizer
+        self.rank, self.world_size, self.group, self.seed = rank, world_size, group, seed
+        self.manifest = dict(manifest or {})
+        self.save_backbone = save_backbone
+
+    @property
+    def root(self) -> Path:
+        return self.writer.root
+
+    def main_state(self) -> Dict:
+        """What rank 0 saves into ``trainer.pt``."""
+        return {**self.progress.state_dict(), **{k: v.state_dict() for k, v in self.states.items()}}
+
+    def shard_state(self) -> Dict:
+        """What every rank saves: its classifier rows, their optimizer state, its RNG."""
+        return {**classifier_shard_state(self.classifier, self.classifier_optimizer),
+                "rng": rng.rng_state(), "rank": self.rank}
+
+    def resume_point(self, resume: str) -> Tuple[Optional[Path], bool]:
+        """Collective: see :func:`agree_on_resume` (``trainer.resume``: auto | none | a path)."""
+        return agree_on_resume(self.root, resume, self.classifier.num_classes, self.rank,
+                               self.world_size, self.group)
+
+    def save(self, step: int) -> Path:
+        """Collective: write the checkpoint of ``step``; returns its folder."""
+        main = self.rank == 0
+        manifest = {"num_classes": self.classifier.num_classes, **self.manifest}
+        return self.writer.save(step, self.main_state() if main else {}, self.shard_state(), manifest,
+                                self.save_backbone if main else None)
+
+    def load(self, path: Path, main_from_rank0: bool = False) -> None:
+        """Restore every object from checkpoint ``path``; ``main_from_rank0``: ``trainer.pt``
+        comes from rank 0 (nodes that do not share a filesystem have only their own shards)."""
+        main_path = path / "trainer.pt"
+        if main_from_rank0:
+            main = broadcast_main_state(load(main_path) if self.rank == 0 else None, self.group)
+        else:
+            main = load(main_path)
+        for name, obj in self.states.items():
+            if isinstance(obj, torch.nn.Module):
+                load_into(obj, main[name], main_path, name)
+            else:
+                obj.load_state_dict(main[name])
+        self.progress.load_state_dict({k: v for k, v in main.items() if k not in self.states})
+        step = int(main["step"])
+        shard, same_layout = load_shard_rows(path, self.classifier.num_classes, self.world_size, self.rank)
+        load_classifier_shard(shard, self.classifier, self.classifier_optimizer, path, self.rank)
+        if same_layout:
+            rng.set_rng_state(shard["rng"])
+        else:  # new ranks have no RNG history: derive it from (seed, rank, step)
+            rng.seed_everything(rng.resume_seed(self.seed, self.rank, step))
+        log.info("resumed from %s at step %d (%s layout)", path, step,
+                 "same" if same_layout else f"re-sharded to {self.world_size} ranks")

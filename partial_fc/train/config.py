@@ -12,14 +12,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import npc_head
+
 from ..data.datasets import LABEL_CHECKS
 from ..models.factory import MODEL_NAMES as MODELS
+from ..optim import OPTIMIZERS
+from ..partial_fc import IMPLS
+from .data import FORMATS
+from .trainer import PRECISIONS
 
-HEADS = ("npcface", "arcface", "cosface", "mvsoftmax", "curricularface")
-OPTIMIZERS = ("sgd", "adamw")
-FORMATS = ("synthetic", "recordio", "folder")
-PRECISIONS = ("fp32", "bf16", "fp16")
-IMPLS = ("auto", "reference", "chunked")
+# Every name list comes from the registry that builds the objects.
+HEADS = tuple(npc_head.HEADS)
 
 
 class ConfigError(ValueError):
@@ -116,15 +119,13 @@ def validate_config(cfg: DictConfig) -> None:
         _require(cfg, f"trainer.{key}", _positive_int, "must be a positive integer")
     _require(cfg, "trainer.val_every", _non_negative_int, "must be an integer >= 0")
     _require(cfg, "trainer.max_consecutive_skips", _non_negative_int, "must be an integer >= 0 (0: no bound)")
-    dump = OmegaConf.select(cfg, "trainer.dump_margins_every", default=0)
+    dump = _get(cfg, "trainer.dump_margins_every")
     if dump is not None and not _non_negative_int(dump):
         raise ConfigError(f"trainer.dump_margins_every must be an integer >= 0, got {dump!r}")
     _require(cfg, "trainer.collective_timeout_s", lambda v: _number(v) and v > 0, "must be > 0")
     _require(cfg, "trainer.init_timeout_s", lambda v: _number(v) and v > 0, "must be > 0")
-    poll = OmegaConf.select(cfg, "trainer.stop_poll_s", default=5.0)
-    if not (_number(poll) and poll >= 0):
-        raise ConfigError(f"trainer.stop_poll_s must be a number >= 0, got {poll!r}")
-    stop_signal = OmegaConf.select(cfg, "trainer.stop_signal", default=None)
+    _require(cfg, "trainer.stop_poll_s", lambda v: _number(v) and v >= 0, "must be a number >= 0")
+    stop_signal = _get(cfg, "trainer.stop_signal")
     catchable = sorted(s.name for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP))
     if stop_signal is not None and stop_signal not in catchable:
         raise ConfigError(f"trainer.stop_signal must be null or a signal name such as SIGUSR1, "

@@ -1,4 +1,5 @@
-"""Training data: dataset construction from the config, deterministic augmentation, loaders."""
+"""Training data: the dataset on disk (or generated), deterministic augmentation, loaders.
+Everything here takes plain arguments; ``builders.prepare_data`` reads them from ``cfg.data``."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -141,21 +142,22 @@ def _generator_fingerprint() -> bytes:
     return b"".join(Path(m.__file__).read_bytes() for m in (synthetic, synthetic_faces))
 
 
-def synthetic_root(data_cfg) -> Path:
-    """The cache folder of a synthetic set: named by a hash of its generator parameters and of the
-    generator's code."""
-    params = {k: data_cfg.synthetic[k] for k in sorted(data_cfg.synthetic)}
+def synthetic_root(cache_dir: str, params: Dict) -> Path:
+    """The cache folder of a synthetic set of generator ``params`` (``data.synthetic``) under
+    ``cache_dir`` (``data.cache_dir``): named by a hash of the parameters and of the generator's
+    code."""
+    params = {k: params[k] for k in sorted(params)}
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode() + _generator_fingerprint()).hexdigest()[:10]
-    return Path(data_cfg.cache_dir).expanduser().resolve() / f"synthetic-{digest}"
+    return Path(cache_dir).expanduser().resolve() / f"synthetic-{digest}"
 
 
-def ensure_synthetic(data_cfg, is_local_main: bool, timeout_s: float = 3600.0) -> Path:
+def ensure_synthetic(cache_dir: str, params: Dict, is_local_main: bool, timeout_s: float = 3600.0) -> Path:
     """Generate the synthetic set once (cached by its parameters); other ranks wait for it.
 
     Generation goes to a temporary folder renamed into place, so a half-written set is never
     used. Runs before any process group exists (ranks coordinate through the file system).
     """
-    root = synthetic_root(data_cfg)
+    root = synthetic_root(cache_dir, params)
     done = root / "COMPLETE"
     if done.exists():
         return root
@@ -165,7 +167,7 @@ def ensure_synthetic(data_cfg, is_local_main: bool, timeout_s: float = 3600.0) -
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        params = dict(data_cfg.synthetic)
+        params = dict(params)
         log.info("generating synthetic identities into %s: %s", root, params)
         summary = generate_synthetic(tmp, **params)
         (tmp / "COMPLETE").write_text(json.dumps(summary, default=str, indent=1))
@@ -182,43 +184,47 @@ def ensure_synthetic(data_cfg, is_local_main: bool, timeout_s: float = 3600.0) -
     return root
 
 
-def dataset_root(data_cfg, is_local_main: bool) -> Path:
-    if data_cfg.format == "synthetic":
-        return ensure_synthetic(data_cfg, is_local_main)
-    root = Path(str(data_cfg.root)).expanduser().resolve()
-    if not root.exists():
-        raise FileNotFoundError(f"data.root: {root} does not exist")
-    return root
+# data.format: how the dataset is stored (synthetic: generated into data.cache_dir as RecordIO).
+FORMATS = ("synthetic", "recordio", "folder")
+
+
+def existing_root(root: str) -> Path:
+    """``data.root`` as an absolute path; FileNotFoundError naming the key when it is absent."""
+    path = Path(str(root)).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"data.root: {path} does not exist")
+    return path
 
 
 TRAIN_IMAGE_SIZE = (112, 112)  # the aligned face crop every backbone here takes
 
 
-def open_dataset(data_cfg, root: Path):
-    """The raw (uint8 image, label) dataset the config describes; an image that is not
-    112x112 is a bad sample (``data.on_bad_image``), named by its file or key; a RecordIO label
-    that disagrees with the header's identity ranges does what ``data.label_check`` says."""
+def open_dataset(fmt: str, root: Path, on_bad_image: str, label_check: str):
+    """The raw (uint8 image, label) dataset in ``root`` (``data.format``); an image that is not
+    112x112 is a bad sample (``on_bad_image``: raise | skip), named by its file or key; a
+    RecordIO label that disagrees with the header's identity ranges does what ``label_check``
+    (``data.label_check``) says."""
     from ..data import FaceRecordDataset, ImageFolderDataset
 
-    if data_cfg.format == "folder":
-        return ImageFolderDataset(root, on_bad_image=data_cfg.on_bad_image, image_size=TRAIN_IMAGE_SIZE)
-    return FaceRecordDataset(root, on_bad_image=data_cfg.on_bad_image, image_size=TRAIN_IMAGE_SIZE,
-                             check_labels=str(data_cfg.label_check))
+    if fmt == "folder":
+        return ImageFolderDataset(root, on_bad_image=on_bad_image, image_size=TRAIN_IMAGE_SIZE)
+    return FaceRecordDataset(root, on_bad_image=on_bad_image, image_size=TRAIN_IMAGE_SIZE,
+                             check_labels=str(label_check))
 
 
-def check_num_classes(data_cfg, dataset) -> int:
-    """The dataset's class count; a disagreeing ``data.num_classes`` raises naming the key."""
+def check_num_classes(wanted: Optional[int], dataset) -> int:
+    """The dataset's class count; a disagreeing ``wanted`` (``data.num_classes``, None: any)
+    raises naming the key."""
     found = int(dataset.num_classes)
-    wanted = data_cfg.num_classes
     if wanted is not None and int(wanted) != found:
         raise ValueError(f"data.num_classes={wanted} but the dataset has {found} classes")
     return found
 
 
-def resolve_val_bins(data_cfg, root: Path) -> List[Path]:
+def resolve_val_bins(entries: Optional[Sequence], root: Path) -> List[Path]:
     """Paths of ``data.val_bins`` entries: a path, or a name of ``<root>/<name>.bin``."""
     paths = []
-    for entry in data_cfg.val_bins or []:
+    for entry in entries or []:
         candidate = Path(str(entry)).expanduser()
         if not candidate.suffix:
             candidate = candidate.with_suffix(".bin")

@@ -60,7 +60,7 @@ class StopRequest:
             has put the handler in place; None: no handler.
     """
 
-    def __init__(self, path, poll_s: float = 5.0, signal_name: Optional[str] = "SIGUSR1"):
+    def __init__(self, path, poll_s: float, signal_name: Optional[str]):
         self.path = Path(path)
         self.poll_s = float(poll_s)
         self.signal_name = signal_name or None

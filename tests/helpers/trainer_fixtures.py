@@ -1,20 +1,34 @@
 """Small in-memory pieces to drive the real Trainer in tests."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from torch import nn
 
 import npc_head
 import partial_fc
 from partial_fc.data import DistributedShardSampler
 from partial_fc.optim import build_classifier_optimizer
+from partial_fc.train.builders import build_settings
 from partial_fc.train.data import AugmentedFaces, BatchStream
 from partial_fc.train.trainer import Trainer, TrainSettings
 
 NUM_CLASSES, DIM, SIDE = 13, 16, 8
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@functools.lru_cache(maxsize=None)
+def default_settings() -> TrainSettings:
+    """The settings of the default config (conf/trainer/cpu.yaml, conf/optim/sgd.yaml): the one
+    place their defaults are written."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["trainer.stop_file=null"])
+    return dataclasses.replace(build_settings(cfg, Path(".")), extra_manifest={})
 
 
 class MemoryFaces(torch.utils.data.Dataset):
@@ -58,8 +72,9 @@ def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1
     sampler = DistributedShardSampler(len(data), world_size, rank, shuffle=True, seed=3)
     batches = BatchStream(AugmentedFaces(data, seed=3, normalize=normalize_in_workers), sampler, batch_size,
                           num_workers=0, pin_memory=device.type == "cuda")
-    s = TrainSettings(run_dir=Path(run_dir), max_steps=max_steps, grad_accum=grad_accum,
-                      progress_bar=False, log_every=1, checkpoint_every=1000, **settings)
+    s = dataclasses.replace(default_settings(), run_dir=Path(run_dir), max_steps=max_steps,
+                            grad_accum=grad_accum, progress_bar=False, log_every=1, checkpoint_every=1000,
+                            **settings)
     return Trainer(s, backbone, classifier, opt_b, opt_c, batches, device,
                    group=group, rank=rank, world_size=world_size, stop_request=stop_request)
 

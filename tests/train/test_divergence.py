@@ -10,7 +10,7 @@ from torch import nn
 
 from partial_fc.eval.verification import VerificationSet
 from partial_fc.train import checkpoint as ckpt
-from partial_fc.train.trainer import TrainingDivergedError
+from partial_fc.train.divergence import TrainingDivergedError
 
 from tests.helpers.dist_harness import run_workers
 from tests.helpers.trainer_fixtures import DIM, SIDE, make_trainer
@@ -49,7 +49,7 @@ def _all_finite(path):
 
 def test_diverged_state_stops_the_run_and_the_last_good_checkpoint_stays_newest(tmp_path):
     trainer = make_trainer(tmp_path, backbone=bn_backbone(), max_steps=12)
-    trainer.s.checkpoint_every = 1
+    trainer.settings.checkpoint_every = 1
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = 1e6  # optim.lr=1e6

@@ -11,7 +11,7 @@ from tests.helpers.trainer_fixtures import make_trainer
 
 def _fit(tmp_path, caplog):
     trainer = make_trainer(tmp_path, max_steps=4)
-    trainer.s = dataclasses.replace(trainer.s, progress_bar=True, log_every=2)
+    trainer.settings = dataclasses.replace(trainer.settings, progress_bar=True, log_every=2)
     with caplog.at_level(logging.INFO, logger="partial_fc.train.trainer"):
         trainer.fit()
     return [r.getMessage() for r in caplog.records if ": loss " in r.getMessage()]

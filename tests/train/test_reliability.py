@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from partial_fc import shard_range
 from partial_fc.train import checkpoint as ckpt
-from partial_fc.train.trainer import CollectiveTimeoutError
+from partial_fc.train.process_group import CollectiveTimeoutError
 
 from tests.helpers.dist_harness import free_port, run_workers
 from tests.helpers.trainer_fixtures import make_trainer, parameters_of
@@ -49,7 +49,7 @@ def _save_worker(rank, world_size, run_dir):
     for _ in range(2):
         trainer.train_step()  # momentum buffers become non-zero
     trainer.save_checkpoint()
-    opt_state = trainer.optimizers[1].state_dict()["state"]
+    opt_state = trainer.classifier_optimizer.state_dict()["state"]
     return {**parameters_of(trainer), "momentum": opt_state[0]["momentum_buffer"].clone(),
             "position": trainer.batches.sampler.position}
 

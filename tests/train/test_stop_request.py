@@ -184,7 +184,7 @@ def test_forked_children_keep_the_default_meaning_of_the_signal(tmp_path):
     parent's signal must still end them, or Pool.terminate() with stop_signal=SIGTERM would hang."""
     import multiprocessing as mp
 
-    restore = StopRequest(tmp_path / "STOP", signal_name="SIGTERM").install()
+    restore = StopRequest(tmp_path / "STOP", poll_s=5.0, signal_name="SIGTERM").install()
     try:
         child = mp.get_context("fork").Process(target=_sleep_long)
         child.start()
@@ -209,7 +209,7 @@ def test_forked_children_outlive_the_signal_from_outside_and_still_end_by_the_pa
     import subprocess
 
     signum = signal.Signals[name]
-    request = StopRequest(tmp_path / "STOP", signal_name=name)
+    request = StopRequest(tmp_path / "STOP", poll_s=5.0, signal_name=name)
     restore = request.install()
     ctx = mp.get_context("fork")
     try:

@@ -16,9 +16,9 @@ def test_flip_is_a_pure_function_of_seed_epoch_and_index():
 def test_synthetic_cache_key_follows_the_parameters(tmp_path):
     cfg = OmegaConf.create({"cache_dir": str(tmp_path), "synthetic": {"num_identities": 10, "seed": 0}})
     other = OmegaConf.create({"cache_dir": str(tmp_path), "synthetic": {"num_identities": 10, "seed": 1}})
-    assert synthetic_root(cfg) == synthetic_root(cfg)
-    assert synthetic_root(cfg) != synthetic_root(other)
-    assert synthetic_root(cfg).parent == tmp_path.resolve()
+    assert synthetic_root(cfg.cache_dir, cfg.synthetic) == synthetic_root(cfg.cache_dir, cfg.synthetic)
+    assert synthetic_root(cfg.cache_dir, cfg.synthetic) != synthetic_root(other.cache_dir, other.synthetic)
+    assert synthetic_root(cfg.cache_dir, cfg.synthetic).parent == tmp_path.resolve()
 
 
 def test_val_bins_resolve_names_and_paths(tmp_path):
@@ -27,6 +27,6 @@ def test_val_bins_resolve_names_and_paths(tmp_path):
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(b"x")
     cfg = OmegaConf.create({"val_bins": ["lfw", str(elsewhere)]})
-    assert resolve_val_bins(cfg, tmp_path) == [(tmp_path / "lfw.bin").resolve(), elsewhere.resolve()]
+    assert resolve_val_bins(cfg.val_bins, tmp_path) == [(tmp_path / "lfw.bin").resolve(), elsewhere.resolve()]
     with pytest.raises(FileNotFoundError, match="data.val_bins: 'cfp_fp' not found"):
-        resolve_val_bins(OmegaConf.create({"val_bins": ["cfp_fp"]}), tmp_path)
+        resolve_val_bins(OmegaConf.create({"val_bins": ["cfp_fp"]}).val_bins, tmp_path)
