@@ -17,7 +17,7 @@ import npc_head
 from ..data.datasets import LABEL_CHECKS
 from ..models.factory import MODEL_NAMES as MODELS
 from ..optim import OPTIMIZERS
-from ..partial_fc import IMPLS
+from ..classifier import IMPLS
 from .data import FORMATS
 from .trainer import PRECISIONS
 
