@@ -157,9 +157,9 @@ def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from partial_fc.progress import progress_bar
 
-        bar = tqdm(total=len(tasks), desc=f"aligning {source.name}", unit="photo", leave=False)
+        bar = progress_bar(total=len(tasks), desc=f"aligning {source.name}", unit="photo")
     entries = []
     results = imap_ordered(_align_one, tasks, workers)
     try:

@@ -186,9 +186,9 @@ def make_bin(image_root: PathLike, pairs_path: PathLike, output: PathLike, *,
     tasks = [(str(p), tuple(size), crop, quality) for p in paths]
     bar = None
     if progress:
-        from tqdm import tqdm
+        from partial_fc.progress import progress_bar
 
-        bar = tqdm(total=len(tasks), desc=f"making {Path(output).name}", unit="img", leave=False)
+        bar = progress_bar(total=len(tasks), desc=f"making {Path(output).name}", unit="img")
     images: List[bytes] = []
     bad: List[str] = []
     results = imap_ordered(_prepare_file, tasks, workers, chunksize=16)

@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from partial_fc.data.aligning import AlignError, align_folder
-from partial_fc.data.face_detection import METHODS, DetectorUnavailable
+from partial_fc.data.aligning import align_folder
+from partial_fc.data.face_detection import METHODS
+from partial_fc.tools.common import removed_on_failure, tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@tool_main("pfc-align")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with removed_on_failure(args.output):
         report = align_folder(args.source, args.output, landmark_file=args.landmarks,
                               keep_largest=args.keep_largest, upsample=args.upsample, method=args.method,
                               size=args.size, quality=args.quality, workers=max(1, args.workers),
                               progress=not args.no_progress)
-    except (AlignError, DetectorUnavailable, FileNotFoundError) as err:
-        print(f"pfc-align: error: {err}", file=sys.stderr)
-        return 2
     report_path = args.report or args.output / "align_report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
