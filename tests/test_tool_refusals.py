@@ -190,3 +190,29 @@ def test_onnx_export_prints_no_known_exporter_noise(tiny_checkpoint, tmp_path, c
     assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
     with _known_exporter_noise_silenced(), pytest.warns(UserWarning, match="a real one"):
         warnings.warn("a real one", UserWarning)
+
+
+def test_align_summary_says_what_was_left_out_and_suggests_keep_largest(tmp_path):
+    from partial_fc.tools.align import left_out_note
+    report = {"photos": 10, "aligned": 7, "no_face": ["a/1.jpg"], "several_faces": ["b/1.jpg", "c/2.jpg"],
+              "unreadable": []}
+    note = left_out_note(report, tmp_path / "align_report.json")
+    assert note.startswith("left out 3 of 10 photo(s) (2 with several faces, 1 with no face found)")
+    assert "align_report.json" in note and "--keep-largest" in note
+    assert "--keep-largest" not in left_out_note({**report, "several_faces": [], "photos": 8},
+                                                 tmp_path / "r.json")
+    assert left_out_note({**report, "no_face": [], "several_faces": []}, tmp_path / "r.json") == ""
+
+
+def test_make_bin_missing_images_points_at_the_align_report(tmp_path):
+    from partial_fc.eval.pairs import PairsError, make_bin
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.jpg")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a.jpg gone.jpg 1\n")
+    with pytest.raises(PairsError) as info:
+        make_bin(tmp_path, pairs, tmp_path / "x.bin", progress=False)
+    assert "align_report.json" not in str(info.value)
+    (tmp_path / "align_report.json").write_text("{}")
+    with pytest.raises(PairsError, match=r"1 image\(s\) of the pairs list are missing \(.*align_report\.json "
+                       r"lists the photos pfc-align left out.*--keep-largest\)"):
+        make_bin(tmp_path, pairs, tmp_path / "x.bin", progress=False)

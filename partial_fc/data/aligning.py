@@ -111,6 +111,9 @@ def _align_one(task) -> Dict:
     return entry
 
 
+ALIGN_REPORT_NAME = "align_report.json"  # pfc-align's default report, beside the crops
+
+
 def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[PathLike] = None,
                  keep_largest: bool = False, upsample: int = 1, method: str = "hog+cnn",
                  size: int = 112, quality: int = 95, workers: int = 1, progress: bool = True) -> Dict:

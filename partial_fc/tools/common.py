@@ -22,8 +22,9 @@ INPUT_ERROR_STATUS = 2
 
 
 def error_line(prog: str, err: BaseException) -> str:
-    """`<prog>: error: <message>` on one line (argparse's form), whatever newlines `err` holds."""
-    message = " ".join(str(err).split()) or type(err).__name__
+    """`<prog>: error: <message>` (argparse's form); a message that lists several entries keeps
+    them on the lines that follow."""
+    message = str(err).strip() or type(err).__name__
     return f"{prog}: error: {message}"
 
 
