@@ -216,3 +216,14 @@ def test_make_bin_missing_images_points_at_the_align_report(tmp_path):
     with pytest.raises(PairsError, match=r"1 image\(s\) of the pairs list are missing \(.*align_report\.json "
                        r"lists the photos pfc-align left out.*--keep-largest\)"):
         make_bin(tmp_path, pairs, tmp_path / "x.bin", progress=False)
+
+
+def test_size_refusal_mentions_pfc_align_for_raw_photos(tmp_path):
+    from partial_fc.data import FaceRecordDataset
+    from partial_fc.data.packing import pack_images
+    Image.new("RGB", (92, 112), (1, 2, 3)).save(tmp_path / "a.jpg")
+    pack_images([(tmp_path / "a.jpg", 0)], tmp_path / "rec", progress=False)
+    with pytest.raises(ValueError, match=r"rec/property: images are 112x92 \(HxW\) but 112x112 are needed; "
+                       r"repack with pfc-pack --resize 112x112, or for raw photos align them first "
+                       r"with pfc-align"):
+        FaceRecordDataset(tmp_path / "rec", image_size=(112, 112))
