@@ -85,7 +85,7 @@ def format_table(sets: Dict[str, dict], ijb: Dict[str, dict], fars: Sequence[flo
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))) for row in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
-    notes = [f"n/a: TAR@{metrics.far_key(f)} {unresolved_far(f)[len('n/a '):]}"
+    notes = [f"TAR@{metrics.far_key(f)}: {unresolved_far(f)}"
              for f in sorted(unresolved, reverse=True)]
     return "\n".join(lines + notes + failures)
 
