@@ -206,7 +206,9 @@ def load_backbone(path: Union[str, os.PathLike], map_location: Any = "cpu",
     `arch` (one of MODEL_NAMES) names the architecture of an insightface file; without it, it is
     inferred from the keys, and a ValueError lists the candidates when that fails. For our files
     `arch`, when given, must agree with the stored name. Loads with
-    `torch.load(weights_only=True)`, so the file cannot run code. Returned in eval mode.
+    `torch.load(weights_only=True)`, so the file cannot run code; a file torch cannot read that
+    way (an ONNX model, text, a pickle of other objects) raises a ValueError saying what it holds
+    (`describe_file`). Returned in eval mode.
     """
     path = resolve_backbone_path(path)
     name, kwargs, state = _read(path, map_location)
