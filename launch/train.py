@@ -11,14 +11,28 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from partial_fc.train import run_training  # noqa: E402
+from partial_fc.data.datasets import BadSampleError, LabelError  # noqa: E402
+from partial_fc.data.image import ImageDecodeError  # noqa: E402
+from partial_fc.data.recordio import DuplicateOffsetError, RecordIOError  # noqa: E402
+from partial_fc.tools.common import INPUT_ERROR_STATUS, error_line  # noqa: E402
+from partial_fc.train import ConfigError, run_training  # noqa: E402
+from partial_fc.train.checkpoint import CheckpointError, IncompleteCheckpointError  # noqa: E402
+
+# A bad config, data set or checkpoint: one line and INPUT_ERROR_STATUS (each worker prints its
+# own). Anything else keeps Hydra's handling (HYDRA_FULL_ERROR=1 for the full traceback).
+INPUT_ERRORS = (ConfigError, CheckpointError, IncompleteCheckpointError, BadSampleError, LabelError,
+                RecordIOError, DuplicateOffsetError, ImageDecodeError)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     job_num = OmegaConf.select(hydra_cfg, "job.num", default=0)  # set in multirun only
-    run_training(cfg, Path(hydra_cfg.runtime.output_dir), job_num=int(job_num or 0))
+    try:
+        run_training(cfg, Path(hydra_cfg.runtime.output_dir), job_num=int(job_num or 0))
+    except INPUT_ERRORS as err:
+        print(error_line("train.py", err), file=sys.stderr, flush=True)
+        sys.exit(INPUT_ERROR_STATUS)
 
 
 if __name__ == "__main__":

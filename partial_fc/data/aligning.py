@@ -111,6 +111,9 @@ def _align_one(task) -> Dict:
     return entry
 
 
+ALIGN_REPORT_NAME = "align_report.json"  # pfc-align's default report, beside the crops
+
+
 def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[PathLike] = None,
                  keep_largest: bool = False, upsample: int = 1, method: str = "hog+cnn",
                  size: int = 112, quality: int = 95, workers: int = 1, progress: bool = True) -> Dict:
@@ -157,9 +160,9 @@ def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from partial_fc.progress import progress_bar
 
-        bar = tqdm(total=len(tasks), desc=f"aligning {source.name}", unit="photo", leave=False)
+        bar = progress_bar(total=len(tasks), desc=f"aligning {source.name}", unit="photo")
     entries = []
     results = imap_ordered(_align_one, tasks, workers)
     try:

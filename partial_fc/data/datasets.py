@@ -169,7 +169,8 @@ class _BadSamplePolicy:
         if size is not None and tuple(image.shape[:2]) != size:
             raise BadSampleError(
                 f"{where}: image is {image.shape[0]}x{image.shape[1]}, expected {size[0]}x{size[1]} "
-                f"(HxW; repack with pfc-pack --resize {size[0]}x{size[1]})"
+                f"(HxW; repack with pfc-pack --resize {size[0]}x{size[1]}, or for raw photos "
+                f"align them first with pfc-align)"
             )
 
 
@@ -239,7 +240,8 @@ class FaceRecordDataset(_BadSamplePolicy):
             h, w = self.required_size
             raise ValueError(
                 f"{prop_path}: images are {prop[1]}x{prop[2]} (HxW) but {h}x{w} are needed; repack with "
-                f"pfc-pack --resize {h}x{w}"
+                f"pfc-pack --resize {h}x{w}, or for raw photos align them first with pfc-align "
+                f"(112x112 ArcFace crops) and pack those"
             )
 
         header = self._read_layout_header()

@@ -9,6 +9,7 @@ on a GPU through ``torchvision.io.decode_jpeg`` where torchvision with CUDA is a
 from __future__ import annotations
 
 import io
+import re
 from typing import List, Sequence
 
 import numpy as np
@@ -33,6 +34,14 @@ def jpeg_backend() -> str:
     return "simplejpeg" if _simplejpeg is not None else "pillow"
 
 
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* (object )?at 0x[0-9a-fA-F]+>")
+
+
+def _reason(err: BaseException) -> str:
+    """`err`'s text without object reprs such as Pillow's `<_io.BytesIO object at 0x7f...>`."""
+    return _OBJECT_REPR.sub("", str(err)) or type(err).__name__
+
+
 def decode_image_pil(data: bytes) -> np.ndarray:
     """Decode any Pillow-readable image to a uint8 HxWx3 RGB array (raises ImageDecodeError)."""
     try:
@@ -43,7 +52,7 @@ def decode_image_pil(data: bytes) -> np.ndarray:
                 im.load()
             return np.asarray(im)
     except Exception as err:  # Pillow raises many types for broken data
-        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {err}") from None
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {_reason(err)}") from None
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -65,7 +74,7 @@ def decode_image(data: bytes) -> np.ndarray:
                 pass
             if mode in ("CMYK",):
                 return decode_image_pil(data)
-            raise ImageDecodeError(f"cannot decode JPEG ({len(data)} bytes): {err}") from None
+            raise ImageDecodeError(f"cannot decode JPEG ({len(data)} bytes): {_reason(err)}") from None
     return decode_image_pil(data)
 
 

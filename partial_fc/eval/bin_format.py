@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from tqdm import tqdm
+from partial_fc.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
 
@@ -132,8 +132,7 @@ def load_bin(path: PathLike, image_size: Optional[Tuple[int, int]] = None,
     encoded, issame = read_bin_records(path)
     decoded = []
     resized = {}  # original (H, W) -> how many images had it
-    for i, blob in enumerate(tqdm(encoded, desc=f"decoding {path.name}", disable=not progress,
-                                  leave=False)):
+    for i, blob in enumerate(progress_bar(encoded, enabled=progress, desc=f"decoding {path.name}")):
         try:
             img = decode_image(blob)
         except Exception as err:

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from partial_fc.progress import progress_bar
 
 
 INPUT_MEAN = 127.5
@@ -142,8 +142,8 @@ def embed_images(model: nn.Module, images: Union[np.ndarray, torch.Tensor], batc
     device = torch.device(device)
     fused, view_norms = [], []
     with eval_mode(model):
-        for batch in tqdm(iter_batches(chw, batch_size), total=-(-chw.shape[0] // batch_size),
-                          desc=desc, disable=not progress, leave=False):
+        for batch in progress_bar(iter_batches(chw, batch_size), enabled=progress,
+                                  total=-(-chw.shape[0] // batch_size), desc=desc):
             views = embed_views(model, batch, flip, device, autocast_dtype)
             view_norms.append(views.double().norm(dim=1).cpu())
             fused.append(fuse_views(views, flip).cpu())
@@ -165,7 +165,7 @@ def embed_loader(model: nn.Module, loader: Iterable, device: Optional[Union[str,
     device = torch.device(device)
     chunks = []
     with eval_mode(model):
-        for batch in tqdm(loader, desc=desc, disable=not progress, total=total):
+        for batch in progress_bar(loader, enabled=progress, desc=desc, total=total):
             if isinstance(batch, (tuple, list)):
                 batch = batch[0]
             chunks.append(embed_batch(model, batch, flip, device, autocast_dtype).cpu().numpy())

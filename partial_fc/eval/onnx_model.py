@@ -7,8 +7,11 @@ batch, BGR, other mean / std, as insightface's model zoo publishes them) run thr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -37,7 +40,7 @@ def export_onnx(model: nn.Module, output_path: PathLike, input_size: Tuple[int, 
     example = torch.randn(2, 3, *input_size)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
-    with torch.no_grad():
+    with torch.no_grad(), _known_exporter_noise_silenced():
         if exporter == "dynamo":
             torch.onnx.export(model, (example,), str(output_path), dynamo=True,
                               dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -49,6 +52,33 @@ def export_onnx(model: nn.Module, output_path: PathLike, input_size: Tuple[int, 
         else:
             raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
     return output_path
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _known_exporter_noise_silenced():
+    """Drop two messages torch's ONNX exporter prints on every export that say nothing about
+    the model: the 'torchvision is not installed. Skipping torchvision::...' log lines (we use no
+    torchvision ops) and the FutureWarning on `isinstance(treespec, LeafSpec)` from torch's own
+    pytree code. Every other warning and log record passes."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    drop = _DropMessages("torchvision is not installed. Skipping")
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
+                                    category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _providers(device: Optional[Union[str, torch.device]]) -> Sequence[str]:

@@ -179,16 +179,17 @@ def make_bin(image_root: PathLike, pairs_path: PathLike, output: PathLike, *,
     missing = [f"{pairs_path}:{pair.line}: {path} not found"
                for pair in pairs for path in (pair.first, pair.second) if not path.is_file()]
     if missing:
-        raise PairsError(_listing(f"{len(missing)} image(s) of the pairs list are missing", missing))
+        raise PairsError(_listing(f"{len(missing)} image(s) of the pairs list are missing"
+                                  + _align_hint(Path(image_root)), missing))
 
     paths = [path for pair in pairs for path in (pair.first, pair.second)]
     lines = [pair.line for pair in pairs for _ in range(2)]
     tasks = [(str(p), tuple(size), crop, quality) for p in paths]
     bar = None
     if progress:
-        from tqdm import tqdm
+        from partial_fc.progress import progress_bar
 
-        bar = tqdm(total=len(tasks), desc=f"making {Path(output).name}", unit="img", leave=False)
+        bar = progress_bar(total=len(tasks), desc=f"making {Path(output).name}", unit="img")
     images: List[bytes] = []
     bad: List[str] = []
     results = imap_ordered(_prepare_file, tasks, workers, chunksize=16)
@@ -210,6 +211,17 @@ def make_bin(image_root: PathLike, pairs_path: PathLike, output: PathLike, *,
     out = write_bin(output, images, issame)
     return {"output": str(out), "num_pairs": len(pairs), "num_same": sum(issame),
             "num_different": len(pairs) - sum(issame), "image_size": [size[1], size[0]]}
+
+
+def _align_hint(image_root: Path) -> str:
+    """Where to look when `image_root` is pfc-align's output (it holds its report)."""
+    from partial_fc.data.aligning import ALIGN_REPORT_NAME
+
+    report = image_root / ALIGN_REPORT_NAME
+    if not report.is_file():
+        return ""
+    return (f" ({report} lists the photos pfc-align left out and why; photos with several faces "
+            f"align with pfc-align --keep-largest)")
 
 
 def _listing(title: str, entries: Sequence[str], shown: int = 20) -> str:

@@ -9,8 +9,9 @@ state_dict files load with `load_backbone(path, arch=...)` and `save_backbone(..
 "insightface")` writes files it loads.
 """
 from .factory import MODEL_NAMES, get_model
-from .serialization import (BACKBONE_FILENAME, infer_architecture, load_backbone, load_pretrained,
-                            save_backbone)
+from .serialization import (BACKBONE_FILENAME, INSIGHTFACE_ARCHITECTURES, infer_architecture,
+                            load_backbone, load_pretrained, save_backbone, stored_backbone_name)
 
 __all__ = ["MODEL_NAMES", "get_model", "save_backbone", "load_backbone", "load_pretrained",
-           "infer_architecture", "BACKBONE_FILENAME"]
+           "infer_architecture", "BACKBONE_FILENAME", "INSIGHTFACE_ARCHITECTURES",
+           "stored_backbone_name"]

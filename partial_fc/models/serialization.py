@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -25,6 +26,8 @@ BACKBONE_FILENAME = "backbone.pt"
 FORMATS = ("ours", "insightface")
 _FORMAT_KEYS = ("name", "kwargs", "state_dict")
 _DDP_PREFIX = "module."
+# Architectures whose arcface_torch `get_model(name)` shares our parameter names and shapes.
+INSIGHTFACE_ARCHITECTURES = tuple(n for n in MODEL_NAMES if n != "tiny")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -50,6 +53,9 @@ def save_backbone(path: Union[str, os.PathLike], model: nn.Module, name: str,
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "insightface" and name not in INSIGHTFACE_ARCHITECTURES:
+        raise ValueError(f"{name!r} has no insightface equivalent; insightface state_dicts exist "
+                         f"for {', '.join(INSIGHTFACE_ARCHITECTURES)}")
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     if format == "insightface":
@@ -61,6 +67,47 @@ def save_backbone(path: Union[str, os.PathLike], model: nn.Module, name: str,
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def describe_file(path: Path) -> str:
+    """A few words on what a file that torch.load refused holds: an ONNX model, text, a zip
+    without data.pkl, ... (for error messages)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as err:
+        return f"an unreadable file ({err.strerror})"
+    if not head:
+        return "an empty file"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return "a broken zip archive"
+        if not any(n.endswith("data.pkl") for n in names):
+            return f"a zip archive without data.pkl ({len(names)} member(s), first: {names[:3]})"
+        return "a torch zip archive whose pickle holds objects other than tensors and plain values"
+    if path.suffix.lower() == ".onnx" or b"onnx" in head[:64].lower() or b"pytorch" in head[:64]:
+        return "an ONNX model (give it to pfc-eval / pfc-extract, which run it through onnxruntime)"
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        pass
+    if head[:1] == b"\x80":
+        return "a legacy (pre-zip) pickle holding objects other than tensors and plain values"
+    return f"binary data of an unknown format ({path.stat().st_size} bytes)"
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
+    """torch.load(weights_only=True) whose failure is a ValueError saying what the file is."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, KeyError, RuntimeError... on foreign bytes
+        raise ValueError(f"{path}: not a PyTorch backbone file (expected ours: a dict with "
+                         f"{'/'.join(_FORMAT_KEYS)}, or an insightface state_dict); found "
+                         f"{describe_file(path)}") from err
 
 
 def resolve_backbone_path(path: Union[str, os.PathLike]) -> Path:
@@ -130,7 +177,7 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str)
 
 def _read(path: Path, map_location: Any) -> Tuple[Optional[str], Dict[str, Any], Dict[str, Any]]:
     """(name or None for insightface files, kwargs, state_dict) of a backbone file."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = _torch_load(path, map_location)
     if isinstance(payload, dict) and all(k in payload for k in _FORMAT_KEYS):
         return payload["name"], payload["kwargs"], payload["state_dict"]
     if isinstance(payload, dict) and payload and all(
@@ -145,6 +192,12 @@ def _read(path: Path, map_location: Any) -> Tuple[Optional[str], Dict[str, Any],
                         if isinstance(payload, dict) else ""))
 
 
+def stored_backbone_name(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The architecture name our backbone file (or a directory holding backbone.pt) stores, or
+    None for an insightface state_dict, which names none. Raises like `load_backbone`."""
+    return _read(resolve_backbone_path(path), "cpu")[0]
+
+
 def load_backbone(path: Union[str, os.PathLike], map_location: Any = "cpu",
                   arch: Optional[str] = None) -> nn.Module:
     """Rebuild a backbone from our file (or a directory holding backbone.pt) or from an
@@ -153,7 +206,9 @@ def load_backbone(path: Union[str, os.PathLike], map_location: Any = "cpu",
     `arch` (one of MODEL_NAMES) names the architecture of an insightface file; without it, it is
     inferred from the keys, and a ValueError lists the candidates when that fails. For our files
     `arch`, when given, must agree with the stored name. Loads with
-    `torch.load(weights_only=True)`, so the file cannot run code. Returned in eval mode.
+    `torch.load(weights_only=True)`, so the file cannot run code; a file torch cannot read that
+    way (an ONNX model, text, a pickle of other objects) raises a ValueError saying what it holds
+    (`describe_file`). Returned in eval mode.
     """
     path = resolve_backbone_path(path)
     name, kwargs, state = _read(path, map_location)

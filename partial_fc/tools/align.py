@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from partial_fc.data.aligning import AlignError, align_folder
-from partial_fc.data.face_detection import METHODS, DetectorUnavailable
+from partial_fc.data.aligning import ALIGN_REPORT_NAME, align_folder
+from partial_fc.data.face_detection import METHODS
+from partial_fc.tools.common import removed_on_failure, tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,27 +36,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes (default: all CPUs)")
     parser.add_argument("--report", type=Path, default=None,
-                        help="where the JSON report goes (default: OUTPUT/align_report.json)")
+                        help=f"where the JSON report goes (default: OUTPUT/{ALIGN_REPORT_NAME})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
+def left_out_note(report: dict, report_path: Path) -> str:
+    """One line on the photos `report` (align_folder's) left out, why, and what to do; "" when
+    every photo was aligned."""
+    reasons = {"several_faces": "with several faces", "no_face": "with no face found",
+               "unreadable": "unreadable"}
+    counts = {key: len(report.get(key, [])) for key in reasons}
+    total = sum(counts.values())
+    if not total:
+        return ""
+    why = ", ".join(f"{n} {reasons[key]}" for key, n in counts.items() if n)
+    note = (f"left out {total} of {report['photos']} photo(s) ({why}); "
+            f"{report_path} lists them")
+    if counts["several_faces"]:
+        note += "; rerun with --keep-largest to align the largest face of photos with several faces"
+    return note
+
+
+@tool_main("pfc-align")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with removed_on_failure(args.output):
         report = align_folder(args.source, args.output, landmark_file=args.landmarks,
                               keep_largest=args.keep_largest, upsample=args.upsample, method=args.method,
                               size=args.size, quality=args.quality, workers=max(1, args.workers),
                               progress=not args.no_progress)
-    except (AlignError, DetectorUnavailable, FileNotFoundError) as err:
-        print(f"pfc-align: error: {err}", file=sys.stderr)
-        return 2
-    report_path = args.report or args.output / "align_report.json"
+    report_path = args.report or args.output / ALIGN_REPORT_NAME
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
     summary = {key: value for key, value in report.items() if key != "entries"}
     summary["report"] = str(report_path)
     print(json.dumps(summary, indent=1))
+    left_out = left_out_note(report, report_path)
+    if left_out:
+        print(f"pfc-align: {left_out}", file=sys.stderr)
     if not report["aligned"]:
         print("pfc-align: error: no photo was aligned", file=sys.stderr)
         return 1

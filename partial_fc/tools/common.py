@@ -2,9 +2,67 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import contextlib
+import functools
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+
+from partial_fc.data.face_detection import DetectorUnavailable
+
+# Errors that mean "this input is wrong" (every data/eval/model error class of ours derives from
+# ValueError; a missing or unreadable file is an OSError): one line and rc 2, no traceback.
+KNOWN_INPUT_ERRORS = (ValueError, OSError, pickle.UnpicklingError, DetectorUnavailable)
+INPUT_ERROR_STATUS = 2
+
+
+def error_line(prog: str, err: BaseException) -> str:
+    """`<prog>: error: <message>` (argparse's form); a message that lists several entries keeps
+    them on the lines that follow."""
+    message = str(err).strip() or type(err).__name__
+    return f"{prog}: error: {message}"
+
+
+def tool_main(prog: str) -> Callable:
+    """Decorator for a console script's `main(argv) -> int`: a KNOWN_INPUT_ERRORS exception
+    becomes one `prog: error: ...` line on stderr and exit status 2; any other exception keeps
+    its traceback."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: Optional[Sequence[str]] = None) -> int:
+            try:
+                return main(argv)
+            except KNOWN_INPUT_ERRORS as err:
+                print(error_line(prog, err), file=sys.stderr)
+                return INPUT_ERROR_STATUS
+        return run
+    return wrap
+
+
+@contextlib.contextmanager
+def removed_on_failure(path: "os.PathLike | str") -> Iterator[None]:
+    """Run the block; if it raises, delete what it created at `path` (a file or folder) and the
+    parent folders it created, then re-raise. A `path` that existed before is left alone (its
+    writers replace files atomically), so a pre-existing folder's contents are never removed."""
+    first_new = None
+    for candidate in [Path(path), *Path(path).parents]:
+        if candidate.exists():
+            break
+        first_new = candidate
+    try:
+        yield
+    except BaseException:
+        if first_new is not None and first_new.exists():
+            if first_new.is_dir():
+                shutil.rmtree(first_new, ignore_errors=True)
+            else:
+                first_new.unlink()
+        raise
 
 
 def resolve_device(name: str) -> torch.device:

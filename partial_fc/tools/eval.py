@@ -5,7 +5,8 @@
 
 Prints a table, writes `eval.json` ({"model", "sets": {name: {"acc", "std", "tar_at_far", ...}},
 "ijb": {...}}) and `roc.png` (all sets on one plot) into the output directory. A TAR at a FAR
-below 1/(negative pairs) reads "n/a (needs >= 1/FAR negative pairs)"; a set whose embeddings are
+below 1/(negative pairs) reads "n/a" in the table (a footnote gives the negative pairs it needs)
+and "n/a (needs >= 1/FAR negative pairs)" in eval.json; a set whose embeddings are
 non-finite (a diverged model) is reported as failed, and the exit status is then 1.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from partial_fc.eval.ijb import evaluate_ijb
 from partial_fc.eval.plots import plot_roc
 from partial_fc.eval.verification import evaluate_bins
 from partial_fc.tools.common import (add_inference_arguments, autocast_dtype, load_model_from_args,
-                                     resolve_device)
+                                     resolve_device, tool_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +54,14 @@ def unresolved_far(far: float) -> str:
     return f"n/a (needs >= {round(1 / far):,} negative pairs)"
 
 
-def _tar_cell(tars: dict, far: float) -> str:
+def _tar_cell(tars: dict, far: float, unresolved: set) -> str:
     if not tars:
         return "-"
     tar = tars[metrics.far_key(far)]
-    return f"{100 * tar:.2f}%" if tar is not None else unresolved_far(far)
+    if tar is None:
+        unresolved.add(far)
+        return "n/a"
+    return f"{100 * tar:.2f}%"
 
 
 def format_table(sets: Dict[str, dict], ijb: Dict[str, dict], fars: Sequence[float]) -> str:
@@ -65,6 +69,7 @@ def format_table(sets: Dict[str, dict], ijb: Dict[str, dict], fars: Sequence[flo
     header = ["set", "pairs", "accuracy", "std"] + far_headers
     rows: List[List[str]] = []
     failures = []
+    unresolved: set = set()  # FARs some set has too few negative pairs for
     for name, r in sets.items():
         if "failed" in r:
             rows.append([name, str(r["num_pairs"]), "FAILED", "-"] + ["-" for _ in fars])
@@ -72,7 +77,7 @@ def format_table(sets: Dict[str, dict], ijb: Dict[str, dict], fars: Sequence[flo
             continue
         tars = r.get("tar_at_far", {})
         rows.append([name, str(r["num_pairs"]), f"{100 * r['acc']:.2f}%", f"+-{100 * r['std']:.2f}%"]
-                    + [_tar_cell(tars, f) for f in fars])
+                    + [_tar_cell(tars, f, unresolved) for f in fars])
     for name, r in ijb.items():
         rows.append([name, str(r["num_pairs"]), "-", "-"]
                     + [f"{100 * r['tar_at_far'][metrics.far_key(f)]:.2f}%" for f in fars])
@@ -80,9 +85,12 @@ def format_table(sets: Dict[str, dict], ijb: Dict[str, dict], fars: Sequence[flo
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
                        enumerate(zip(row, widths))) for row in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines + failures)
+    notes = [f"TAR@{metrics.far_key(f)}: {unresolved_far(f)}"
+             for f in sorted(unresolved, reverse=True)]
+    return "\n".join(lines + notes + failures)
 
 
+@tool_main("pfc-eval")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.bins and args.ijb_root is None:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from partial_fc.eval.onnx_model import export_and_check
-from partial_fc.models import MODEL_NAMES, infer_architecture, load_backbone, save_backbone
+from partial_fc.models import (INSIGHTFACE_ARCHITECTURES, MODEL_NAMES, infer_architecture, load_backbone,
+                               save_backbone, stored_backbone_name)
+from partial_fc.tools.common import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@tool_main("pfc-export")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.format == "insightface":
+        name = stored_backbone_name(args.checkpoint)
+        if name is not None and name not in INSIGHTFACE_ARCHITECTURES:
+            raise ValueError(f"{args.checkpoint} holds a {name!r} backbone, which has no insightface "
+                             f"equivalent; --format insightface exists for "
+                             f"{', '.join(INSIGHTFACE_ARCHITECTURES)} (use the default ONNX format)")
     model = load_backbone(args.checkpoint, arch=args.arch)
     if args.format == "insightface":
         arch, _ = infer_architecture(model.state_dict())

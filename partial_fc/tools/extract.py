@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from partial_fc.eval.extraction import extract_features, write_features
 from partial_fc.tools.common import (add_inference_arguments, autocast_dtype, load_model_from_args,
-                                     resolve_device)
+                                     resolve_device, tool_main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@tool_main("pfc-extract")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)

@@ -6,6 +6,7 @@ import json
 import sys
 
 from partial_fc.data.inspect import exit_status, format_report, inspect_dataset
+from partial_fc.tools.common import tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,14 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@tool_main("pfc-inspect")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = inspect_dataset(args.path, verify=args.verify, progress=not args.no_progress,
-                                 max_errors=args.max_errors)
-    except FileNotFoundError as err:
-        print(f"pfc-inspect: error: {err}", file=sys.stderr)
-        return 2
+    report = inspect_dataset(args.path, verify=args.verify, progress=not args.no_progress,
+                             max_errors=args.max_errors)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return exit_status(report)
 

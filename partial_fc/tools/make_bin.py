@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from partial_fc.data.packing import _parse_size
-from partial_fc.eval.pairs import PairsError, make_bin
+from partial_fc.eval.pairs import make_bin
+from partial_fc.tools.common import removed_on_failure, tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,15 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@tool_main("pfc-make-bin")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with removed_on_failure(args.output):
         summary = make_bin(args.image_root, args.pairs, args.output, size=_parse_size(args.size),
                            crop=_parse_size(args.crop), quality=args.quality, ext=args.ext,
                            workers=max(1, args.workers), progress=not args.no_progress)
-    except (PairsError, FileNotFoundError) as err:
-        print(f"pfc-make-bin: error: {err}", file=sys.stderr)
-        return 2
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -9,7 +9,8 @@ import os
 import sys
 
 from partial_fc.data.datasets import IMAGE_EXTENSIONS
-from partial_fc.data.packing import RESIZE_MODES, PackError, pack_dataset
+from partial_fc.data.packing import RESIZE_MODES, pack_dataset
+from partial_fc.tools.common import removed_on_failure, tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@tool_main("pfc-pack")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+    with removed_on_failure(args.out_dir):
         summary = pack_dataset(
             args.source,
             args.out_dir,
@@ -54,9 +56,6 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
             prefix=args.prefix,
         )
-    except (PackError, ValueError, FileNotFoundError) as err:
-        print(f"pfc-pack: error: {err}", file=sys.stderr)
-        return 2
     print(json.dumps(summary, indent=1))
     return 0
 

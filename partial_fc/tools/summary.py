@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from partial_fc.tools.common import tool_main
 from pathlib import Path
 
 
@@ -27,6 +28,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join([line] + [f"{k.ljust(width)}  {v}" for k, v in rows] + [line])
 
 
+@tool_main("pfc-summary")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("run_dir", type=Path, help="a training run directory")

@@ -6,6 +6,7 @@ import json
 import sys
 
 from partial_fc.data.synthetic import generate_synthetic
+from partial_fc.tools.common import removed_on_failure, tool_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@tool_main("pfc-synthetic")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with removed_on_failure(args.out_dir):
         summary = generate_synthetic(
             args.out_dir,
             num_identities=args.identities,
@@ -48,9 +50,6 @@ def main(argv=None) -> int:
             same_family_negatives=args.same_family_negatives,
             progress=not args.no_progress,
         )
-    except ValueError as err:
-        print(f"pfc-synthetic: error: {err}", file=sys.stderr)
-        return 2
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -137,8 +137,11 @@ def test_load_backbone_refuses_code_and_bad_files(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"name": "tiny", "kwargs": {}, "state_dict": {}, "x": Evil()}, evil)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="not a PyTorch backbone file .*found a torch zip archive whose "
+                       "pickle holds objects other than") as refused:  # weights_only's refusal
         load_backbone(evil)
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
+    assert "weights_only" not in str(refused.value)
     assert not marker.exists()
 
     wrong = tmp_path / "wrong.pt"

@@ -154,13 +154,14 @@ def test_extract_image_folder(demo, tmp_path, capsys):
     assert feats.dtype == np.float32
 
 
-def test_extract_refuses_unaligned_sizes_unless_asked(demo, tmp_path):
+def test_extract_refuses_unaligned_sizes_unless_asked(demo, tmp_path, capsys):
     folder = tmp_path / "big"
     folder.mkdir()
     Image.fromarray(np.zeros((120, 130, 3), np.uint8)).save(folder / "a.png")
     out = tmp_path / "f.npy"
-    with pytest.raises(ValueError, match=r"a.png is 120x130 \(HxW\), the model takes 112x112"):
-        extract_tool.main([str(demo["ckpt"]), str(folder), str(out)])
+    assert extract_tool.main([str(demo["ckpt"]), str(folder), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pfc-extract: error: ") and "a.png is 120x130 (HxW), the model takes 112x112" in err
     assert extract_tool.main([str(demo["ckpt"]), str(folder), str(out), "--resize",
                               "--no-normalize", "--no-flip"]) == 0
     assert np.load(out).shape == (1, 128)
