@@ -5,6 +5,7 @@ instead of after minutes of cluster start-up.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 from pathlib import Path
@@ -93,8 +94,9 @@ def validate_config(cfg: DictConfig) -> None:
                           f"directory (ours or insightface's state_dict) or be null, "
                           f"got {pretrained!r}")
 
-    _require(cfg, "head.name", lambda v: v in HEADS, f"must be one of {HEADS}")
+    head = _require(cfg, "head.name", lambda v: v in HEADS, f"must be one of {HEADS}")
     _require(cfg, "head.s", lambda v: _number(v) and v > 0, "must be > 0")
+    _check_head_arguments(cfg, head)
     _require(cfg, "head.sample_rate", lambda v: _number(v) and 0 < v <= 1, "must be in (0, 1]")
     _require(cfg, "head.impl", lambda v: v in IMPLS, f"must be one of {IMPLS}")
     block = _get(cfg, "head.block_size")
@@ -136,3 +138,31 @@ def validate_config(cfg: DictConfig) -> None:
     resume = _get(cfg, "trainer.resume")
     if not isinstance(resume, str) or not resume:
         raise ConfigError(f"trainer.resume must be auto, none or a checkpoint path, got {resume!r}")
+    if resume not in ("auto", "none") and not Path(resume).expanduser().is_dir():
+        raise ConfigError(f"trainer.resume must be auto, none or an existing checkpoint directory "
+                          f"(.../checkpoints/step_XXXXXXXX), got {resume!r}: "
+                          f"{Path(resume).expanduser().absolute()} is not a directory")
+
+
+def _check_head_arguments(cfg: DictConfig, name: str) -> None:
+    """Each ``head.*`` argument of head ``name``'s constructor has the type of its default (a
+    number, or true/false; null where the default is None), and the head's own range checks
+    run now, so ``head.m0=abc`` fails here naming the key instead of after the ranks meet."""
+    head_class = npc_head.HEADS[name]
+    kwargs = {}
+    for key, param in inspect.signature(head_class).parameters.items():
+        value = _get(cfg, f"head.{key}")
+        if value is None and param.default is not None:
+            continue  # not set: the constructor's default applies
+        if isinstance(param.default, bool):
+            ok, wanted = isinstance(value, bool), "true or false"
+        else:
+            ok = _number(value) or (value is None and param.default is None)
+            wanted = "a number" + (" or null" if param.default is None else "")
+        if not ok:
+            raise ConfigError(f"head.{key} must be {wanted}, got {value!r}")
+        kwargs[key] = value
+    try:
+        head_class(**kwargs)
+    except ValueError as err:  # the head's message starts with the argument's name
+        raise ConfigError(f"head.{err}" if str(err).split(" ")[0] in kwargs else f"head ({name}): {err}") from None

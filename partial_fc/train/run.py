@@ -70,6 +70,8 @@ def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
         device = select_device(str(cfg.trainer.device), env)
         _setup_threads(cfg.trainer.threads, env.local_world_size)
         data = builders.prepare_data(cfg.data, is_local_main=env.local_rank == 0)
+        log.info("dataset %s: %d images of %d identities (data.format=%s); %d verification set(s)",
+                 data.root, len(data.dataset), data.num_classes, cfg.data.format, len(data.val_paths))
 
         init_distributed(env, device, float(cfg.trainer.collective_timeout_s), job_namespace(job_num=job_num),
                          init_timeout_s=float(cfg.trainer.init_timeout_s))

@@ -169,6 +169,10 @@ class Trainer:
         """Train to ``max_steps`` (or ``stop_at``); returns a summary."""
         self.resume()
         end = self.end
+        if self.step >= end and self.rank == 0:
+            log.info("the run is already at step %d of %d (trainer.max_steps / trainer.stop_at): "
+                     "nothing to train; raise trainer.max_steps to train further, or start a new run "
+                     "(another run_name, or trainer.resume=none)", self.step, end)
         self.logger = MetricLogger(self.settings.run_dir, enabled=self.rank == 0, resume_step=self.step)
         bar = self._progress_bar(end)
         restore_signal = self.stop.install()  # a no-op when run_training installed it already
@@ -348,7 +352,7 @@ class Trainer:
                 f"steps {self.step - bound + 1}..{self.step}: {bound} consecutive steps had a non-finite "
                 f"loss or gradient (last loss={float(loss)}, grad_norm={float(grad_norm)}); the run can no "
                 f"longer learn (trainer.max_consecutive_skips={bound}). Lower optim.lr or set "
-                f"trainer.clip_grad_norm, then resume from the newest checkpoint in {self.checkpointer.root}"
+                f"trainer.clip_grad_norm, then resume: {self._last_good_checkpoint()}"
             )
 
     def _named_state(self):
@@ -359,6 +363,13 @@ class Trainer:
                 yield f"{prefix} parameter {name}", tensor
             for name, tensor in module.named_buffers():
                 yield f"{prefix} buffer {name}", tensor
+
+    def _last_good_checkpoint(self) -> str:
+        """Where a diverged run can resume from, in words."""
+        path = ckpt.find_latest(self.checkpointer.root)
+        if path is None:
+            return f"no checkpoint has been written yet in {self.checkpointer.root}"
+        return f"the last good checkpoint is {path}"
 
     def check_state_finite(self) -> None:
         """Raise TrainingDivergedError on every rank when any rank's model state holds NaN/inf;
@@ -372,9 +383,8 @@ class Trainer:
         if found is not None:
             raise TrainingDivergedError(
                 f"rank {self.rank}: after step {self.step} the model state is non-finite: {found}. The run "
-                f"has diverged and stops without writing a checkpoint; the newest checkpoint in "
-                f"{self.checkpointer.root} is the last good one. Lower optim.lr or set trainer.clip_grad_norm, "
-                "then resume"
+                f"has diverged and stops without writing a checkpoint ({self._last_good_checkpoint()}). "
+                "Lower optim.lr or set trainer.clip_grad_norm, then resume"
             )
 
     # ------------------------------------------------------------------ log

@@ -62,15 +62,17 @@ def test_diverged_state_stops_the_run_and_the_last_good_checkpoint_stays_newest(
     assert saved, "the steps before divergence were checkpointed"
     newest = ckpt.resolve_resume(tmp_path / "checkpoints", "auto")
     assert newest.name == ckpt.step_dir_name(step - 1) and all(_all_finite(p) for p in saved)
+    assert f"the last good checkpoint is {newest}" in str(err.value)
 
 
 def test_consecutive_skips_end_a_run_that_cannot_learn_but_early_skips_are_tolerated(tmp_path):
     trainer = make_trainer(tmp_path / "dead", backbone=NaNForSteps(bad=10**6), max_steps=12,
                            max_consecutive_skips=4)
     with pytest.raises(TrainingDivergedError, match=r"steps 1\.\.4: 4 consecutive steps had a non-finite loss.*"
-                                                    r"trainer\.max_consecutive_skips=4"):
+                                                    r"trainer\.max_consecutive_skips=4") as err:
         trainer.fit()
     assert trainer.step == 4 and not (tmp_path / "dead" / "checkpoints").exists()
+    assert "no checkpoint has been written yet" in str(err.value)
     recovers = make_trainer(tmp_path / "ok", backbone=NaNForSteps(bad=3), max_steps=8, max_consecutive_skips=4)
     summary = recovers.fit()
     assert summary["steps"] == 8 and summary["skipped_steps"] == 3
@@ -110,3 +112,12 @@ def test_every_rank_stops_when_one_rank_holds_nonfinite_state(tmp_path):
     assert results[1].startswith("rank 1: after step 1 the model state is non-finite: classifier parameter weight "
                                  "(shape (6, 16): 1 of 96 values non-finite, 0 NaN)")
     assert not ckpt.complete_checkpoints(tmp_path / "checkpoints")
+
+
+def test_a_finished_run_started_again_says_there_is_nothing_to_train(tmp_path, caplog):
+    make_trainer(tmp_path, max_steps=2).fit()
+    again = make_trainer(tmp_path, max_steps=2)
+    with caplog.at_level("INFO", logger="partial_fc.train.trainer"):
+        summary = again.fit()
+    assert summary["steps"] == 2
+    assert "the run is already at step 2 of 2" in caplog.text and "nothing to train" in caplog.text
