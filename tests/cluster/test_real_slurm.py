@@ -1,5 +1,5 @@
 """launch/slurm under a real Slurm 22.05: one node (this machine, all its CPUs, no GPUs, no GRES)
-with its own munged, slurmctld and slurmd (tests/cluster/real_slurm.py).
+with its own munged, slurmctld and slurmd (tests/helpers/real_slurm.py).
 
 Covered: `sbatch launch/slurm/train.sbatch` on a CPU node as submitted by a user (no GPU or CPU
 options, output in logs/); `scancel --signal=USR1` and `--signal=TERM` to every process of the
