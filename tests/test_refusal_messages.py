@@ -58,6 +58,12 @@ def test_checkpoint_files_name_the_file_and_the_mismatch(tmp_path):
     shard.write_bytes(shard.read_bytes()[:40])
     with pytest.raises(ckpt.CheckpointError, match=rf"{shard}: not a readable checkpoint file \(40 bytes\)"):
         ckpt.load(shard)
+    text = tmp_path / "notes" / "README.md"
+    text.parent.mkdir()
+    text.write_text("# not a checkpoint\n")
+    with pytest.raises(ckpt.CheckpointError, match=rf"{text}: not a readable checkpoint file .*found ") as err:
+        ckpt.load(text)
+    assert "weights_only" not in str(err.value)
     with pytest.raises(ckpt.CheckpointError, match=r"shard_00001\.pt: missing from the checkpoint \(the folder "
                                                    r"holds: shard_00000\.pt\)"):
         ckpt.load(tmp_path / "shard_00001.pt")

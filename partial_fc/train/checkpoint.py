@@ -94,7 +94,12 @@ def load(path: Path) -> Any:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
         # weights_only's refusal says what it found on a later line ("Unsupported global: ...")
         found = next((line for line in lines if "Unsupported global" in line), None)
-        what = f"refused by weights_only, {found[:300]}" if found else lines[0][:300]
+        if found:
+            what = f"refused by weights_only, {found[:300]}"
+        else:  # torch's first line advises weights_only=False, which we never do: say what it is
+            from ..models.serialization import describe_file
+
+            what = f"found {describe_file(path)}"
         raise CheckpointError(f"{path}: not a readable checkpoint file ({path.stat().st_size} bytes): "
                               f"{what}") from None
 
