@@ -58,8 +58,7 @@ def test_checkpoint_files_name_the_file_and_the_mismatch(tmp_path):
     shard.write_bytes(shard.read_bytes()[:40])
     with pytest.raises(ckpt.CheckpointError, match=rf"{shard}: not a readable checkpoint file \(40 bytes\)"):
         ckpt.load(shard)
-    text = tmp_path / "notes" / "README.md"
-    text.parent.mkdir()
+    text = tmp_path.parent / f"{tmp_path.name}-README.md"
     text.write_text("# not a checkpoint\n")
     with pytest.raises(ckpt.CheckpointError, match=rf"{text}: not a readable checkpoint file .*found ") as err:
         ckpt.load(text)
