@@ -89,7 +89,7 @@ def _read_list_lines(list_path: PathLike) -> List[Tuple[Path, int, int]]:
     return items
 
 
-def _parse_size(resize) -> Optional[Tuple[int, int]]:
+def parse_size(resize) -> Optional[Tuple[int, int]]:
     """(H, W) from an int S, a string "S" or "HxW", or an (H, W) pair."""
     if resize is None:
         return None
@@ -195,7 +195,7 @@ def pack_images(
     if any(b < a for a, b in zip(labels, labels[1:])):
         raise PackError("items must be grouped by label in increasing order (see read_list_file)")
     num_classes = labels[-1] + 1
-    size = _parse_size(resize)
+    size = parse_size(resize)
     if resize_mode not in RESIZE_MODES:
         raise PackError(f"resize mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
     tasks = [(str(p), size, resize_mode, quality, validate, reencode) for p, _ in items]

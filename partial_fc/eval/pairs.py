@@ -128,27 +128,28 @@ def read_pairs(pairs_path: PathLike, image_root: PathLike, ext: str = ".jpg") ->
 
 
 def _center_crop(image: Image.Image, crop: Tuple[int, int]) -> Image.Image:
-    width, height = crop
+    height, width = crop
     if width > image.width or height > image.height:
-        raise ValueError(f"crop {width}x{height} is larger than the {image.width}x{image.height} image")
+        raise ValueError(f"crop {height}x{width} (HxW) is larger than the {image.height}x{image.width} image")
     left, top = (image.width - width) // 2, (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
 
 
 def prepare_image(data: bytes, size: Tuple[int, int] = (112, 112),
                   crop: Optional[Tuple[int, int]] = None, quality: int = 95) -> bytes:
-    """Encoded image bytes as they go into a `.bin`: centre-cropped to `crop` (width, height)
-    when given, then resized bilinearly to `size` (width, height) and JPEG-encoded at `quality`.
+    """Encoded image bytes as they go into a `.bin`: centre-cropped to `crop` (height, width)
+    when given, then resized bilinearly to `size` (height, width) and JPEG-encoded at `quality`.
     An image already of `size` with no crop keeps its bytes unchanged (no second JPEG loss).
     Raises ImageDecodeError for undecodable data, ValueError for a crop larger than the image."""
     array = decode_image(data)
-    if crop is None and (array.shape[1], array.shape[0]) == tuple(size):
+    height, width = size
+    if crop is None and array.shape[:2] == (height, width):
         return data
     image = Image.fromarray(array)
     if crop is not None:
         image = _center_crop(image, crop)
-    if image.size != tuple(size):
-        image = image.resize(tuple(size), Image.BILINEAR)
+    if image.size != (width, height):  # Pillow's sizes are (width, height)
+        image = image.resize((width, height), Image.BILINEAR)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -210,7 +211,7 @@ def make_bin(image_root: PathLike, pairs_path: PathLike, output: PathLike, *,
     issame = [pair.issame for pair in pairs]
     out = write_bin(output, images, issame)
     return {"output": str(out), "num_pairs": len(pairs), "num_same": sum(issame),
-            "num_different": len(pairs) - sum(issame), "image_size": [size[1], size[0]]}
+            "num_different": len(pairs) - sum(issame), "image_size": [size[0], size[1]]}
 
 
 def _align_hint(image_root: Path) -> str:

@@ -29,10 +29,10 @@ def _save(path: Path, array: np.ndarray, fmt: str = "PNG") -> Path:
 
 
 def _expected(array: np.ndarray, crop, size=(112, 112)) -> np.ndarray:
-    """Centre crop then bilinear resize, done here independently of the module."""
+    """Centre crop (HxW) then bilinear resize, done here independently of the module."""
     h, w = array.shape[:2]
-    left, top = (w - crop[0]) // 2, (h - crop[1]) // 2
-    cropped = array[top:top + crop[1], left:left + crop[0]]
+    top, left = (h - crop[0]) // 2, (w - crop[1]) // 2
+    cropped = array[top:top + crop[0], left:left + crop[1]]
     return np.asarray(Image.fromarray(cropped).resize(size, Image.BILINEAR), dtype=np.float64)
 
 
@@ -55,14 +55,14 @@ def lfw_layout(tmp_path):
 def test_lfw_pairs_round_trip_with_crop_and_resize(lfw_layout, tmp_path):
     root, pairs, photos, expected_pairs = lfw_layout
     out = tmp_path / "set.bin"
-    summary = make_bin(root, pairs, out, crop=(120, 130), workers=2, progress=False)
+    summary = make_bin(root, pairs, out, crop=(130, 120), workers=2, progress=False)
     assert summary["num_pairs"] == 4 and summary["num_same"] == 2
     images, issame = load_bin(out, progress=False)
     assert images.shape == (8, 112, 112, 3) and images.dtype == np.uint8
     assert issame.tolist() == [same for _, _, same in expected_pairs]
     for i, (a, b, _) in enumerate(expected_pairs):
         for j, key in enumerate((a, b)):
-            error = np.abs(images[2 * i + j].astype(np.float64) - _expected(photos[key], (120, 130)))
+            error = np.abs(images[2 * i + j].astype(np.float64) - _expected(photos[key], (130, 120)))
             assert error.mean() < 2.0, (i, j, error.mean())  # JPEG q95 of a smooth image
     # insightface's own reader: pickle.load(f, encoding="bytes") -> (list of bytes, list of bool)
     with open(out, "rb") as f:
@@ -94,7 +94,7 @@ def test_plain_list_with_spaces_in_tab_separated_paths_and_absolute_paths(tmp_pa
     pairs.write_text(f"person one/a b.png\t{b}\t0\n")
     [pair] = read_pairs(pairs, root)
     assert (pair.first, pair.second, pair.issame, pair.line) == (a, b, False, 1)
-    make_bin(root, pairs, tmp_path / "o.bin", size=(96, 112), progress=False)
+    make_bin(root, pairs, tmp_path / "o.bin", size=(112, 96), progress=False)  # HxW
     images, issame = load_bin(tmp_path / "o.bin", progress=False)
     assert images.shape == (2, 112, 96, 3) and issame.tolist() == [False]
 
@@ -156,3 +156,23 @@ def test_real_lfw_photos_and_lfw_pairs_layout(tmp_path, capsys):
                                .convert("RGB"))
             error = np.abs(images[2 * i + j].astype(np.float64) - _expected(photo, (150, 150)))
             assert error.mean() < 3.0, (i, j, error.mean())
+
+
+def test_sizes_are_height_by_width_as_everywhere_else():
+    """`--size`/`--crop` take HxW like pfc-pack's `--resize`: a 120x100 (HxW) photo cropped to
+    100x60 and sized to 50x30 decodes as 50 rows of 30 pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from partial_fc.data.image import decode_image
+    from partial_fc.data.packing import parse_size
+    from partial_fc.eval.pairs import prepare_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 100, 3), dtype=np.uint8)).save(buf, "PNG")
+    out = prepare_image(buf.getvalue(), size=parse_size("50x30"), crop=parse_size("100x60"))
+    assert decode_image(out).shape == (50, 30, 3)
+    with pytest.raises(ValueError, match=r"crop 130x60 \(HxW\) is larger than the 120x100 image"):
+        prepare_image(buf.getvalue(), size=(50, 30), crop=(130, 60))
