@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,align]"
+	$(PY) -m pip install -q -e ".[test,align]" "$(TORCH_SPEC)"  # the pin keeps a dependency from swapping torch
 	touch $(STAMP)
 
 test: install
