@@ -33,8 +33,12 @@ def _entry(fn, rank, world_size, port, out_dir, args, collective_timeout):
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         # Rank 0 hosts the store: without this it could tear it down while another rank is still
-        # finishing ("terminate called without an active exception", about 1 run in 6).
-        dist.barrier()
+        # finishing ("terminate called without an active exception", about 1 run in 6). A group
+        # that a test broke on purpose (a collective timed out) cannot meet: the result stands.
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
     except BaseException:
         error_file.write_text(traceback.format_exc())
         raise
