@@ -272,19 +272,19 @@ def _chunked_worker(rank, world_size):
     return results
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_chunked_over_ranks_matches_float64_reference(world_size):
-    results = run_workers(_chunked_worker, world_size)
-    sizes = BATCHES[world_size]
-    for ci, (kind, params, C, D, rate, seed, _) in enumerate(DIST_CASES):
+def assert_ranks_match_reference(results, world_size, cases=DIST_CASES, batches=BATCHES):
+    """Each rank's loss, embedding gradient and weight-gradient rows of every case in ``cases``
+    equal the float64 reference over the classes the ranks scored; yields, per case, the rate,
+    class count, scored classes, the reference's statistics and the ranks' results."""
+    sizes = batches[world_size]
+    for ci, (kind, params, C, D, rate, seed, _) in enumerate(cases):
         weight, emb, labels = make_problem(C, D, sum(sizes), seed)
         sampled = torch.cat([r[ci]["sampled"] for r in results]).tolist()
-        if rate < 1.0:
-            assert len(sampled) < C
         w, e = weight.clone().requires_grad_(True), emb.clone().requires_grad_(True)
         ref, ref_stats = reference_loss(kind, params, e, w, labels, classes=sampled)
         ref.backward()
-        for rank, res in enumerate(r[ci] for r in results):
+        per_rank = [r[ci] for r in results]
+        for rank, res in enumerate(per_rank):
             lo = sum(sizes[:rank])
             torch.testing.assert_close(res["loss"], ref.detach(), rtol=1e-10, atol=0)
             torch.testing.assert_close(res["emb_grad"], e.grad[lo : lo + sizes[rank]],
@@ -292,5 +292,15 @@ def test_chunked_over_ranks_matches_float64_reference(world_size):
             rows = slice(res["start"], res["start"] + res["weight_grad"].shape[0])
             torch.testing.assert_close(res["weight_grad"], w.grad[rows],
                                        rtol=1e-10, atol=1e-10 * w.grad.abs().max())
+        yield rate, C, sampled, ref_stats, per_rank
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_chunked_over_ranks_matches_float64_reference(world_size):
+    results = run_workers(_chunked_worker, world_size)
+    for rate, C, sampled, ref_stats, per_rank in assert_ranks_match_reference(results, world_size):
+        if rate < 1.0:
+            assert len(sampled) < C
+        for res in per_rank:
             for key, value in ref_stats.items():
                 torch.testing.assert_close(res["stats"][key], value, rtol=1e-12, atol=1e-12)

@@ -18,9 +18,9 @@ from partial_fc.fused_tiles import FusedTiles, compiler_unavailable_reason
 from partial_fc.reference import reference_margin_loss
 
 from tests.helpers.dist_harness import run_workers
-from tests.helpers.margin_reference import make_head, make_problem, reference_loss
+from tests.helpers.margin_reference import make_head, make_problem
 from tests.partial_fc.test_chunked import (ARC, COS, NPC_DEFAULT, NPC_OTHER, HardSquareHead,
-                                           _assert_same, _losses)
+                                           _assert_same, _losses, assert_ranks_match_reference)
 
 HEADS = {
     "npcface": lambda: make_head("npcface", NPC_DEFAULT),
@@ -179,21 +179,8 @@ def _fused_worker(rank, world_size):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_fused_over_ranks_matches_float64_reference(world_size):
     results = run_workers(_fused_worker, world_size)
-    sizes = BATCHES[world_size]
-    for ci, (kind, params, C, D, rate, seed, _) in enumerate(DIST_CASES):
-        weight, emb, labels = make_problem(C, D, sum(sizes), seed)
-        sampled = torch.cat([r[ci]["sampled"] for r in results]).tolist()
-        w, e = weight.clone().requires_grad_(True), emb.clone().requires_grad_(True)
-        ref, _ = reference_loss(kind, params, e, w, labels, classes=sampled)
-        ref.backward()
-        for rank, res in enumerate(r[ci] for r in results):
-            lo = sum(sizes[:rank])
-            torch.testing.assert_close(res["loss"], ref.detach(), rtol=1e-10, atol=0)
-            torch.testing.assert_close(res["emb_grad"], e.grad[lo : lo + sizes[rank]],
-                                       rtol=1e-10, atol=1e-10 * e.grad.abs().max())
-            rows = slice(res["start"], res["start"] + res["weight_grad"].shape[0])
-            torch.testing.assert_close(res["weight_grad"], w.grad[rows],
-                                       rtol=1e-10, atol=1e-10 * w.grad.abs().max())
+    for _ in assert_ranks_match_reference(results, world_size, DIST_CASES, BATCHES):
+        pass
 
 
 # --- CUDA -------------------------------------------------------------------------------------
