@@ -85,7 +85,10 @@ def run_workers(fn, world_size: int, *args, timeout: float = 180.0, collective_t
             raise RuntimeError(f"rank {rank} of {world_size} failed:\n{text}")
         if hung:
             raise TimeoutError(f"ranks {hung} of {world_size} still running after {timeout}s")
-        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        # SIGABRT after the rank saved its result is gloo's teardown at interpreter exit
+        # ("terminate called without an active exception"), not the function under test.
+        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0
+               and not (p.exitcode == -6 and (Path(out_dir) / f"rank{r}.pt").exists())]
         if bad:
             raise RuntimeError(f"workers exited abnormally (rank, exit code): {bad}")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
