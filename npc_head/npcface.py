@@ -44,12 +44,11 @@ class NPCFace(MarginHead):
         return {"tau": cos_add(target_cos.detach(), self.hard_margin)}
 
     @torch.no_grad()
-    def negative_stats(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
-        hard = cos > prep["tau"][:, None]
-        hard_sum = torch.where(hard, cos, torch.zeros((), dtype=cos.dtype, device=cos.device))
-        return torch.stack(
-            [hard_sum.sum(dim=1, dtype=torch.float64), hard.sum(dim=1).to(torch.float64)], dim=1
-        )
+    def negative_sums(self, cos: torch.Tensor, prep: Prep):
+        # In the cosines' dtype (the fused tile pass reduces in registers; a float64 sum there
+        # costs a second loop): fp32 counts are exact up to 2^24 columns per call.
+        hard = (cos > prep["tau"][:, None]).to(cos.dtype)
+        return (cos * hard).sum(dim=1), hard.sum(dim=1)
 
     def negative_logits(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
         hard = cos > prep["tau"][:, None]
