@@ -384,7 +384,9 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
     w_gemm = w_raw if gemm == work else w_raw.to(gemm)
     buffer = torch.empty(min(chunk_rows, rows) * count, dtype=work, device=device)
     grad_buffer = buffer if gemm == work else torch.empty_like(buffer, dtype=gemm)
-    grad_unit = torch.empty_like(e_unit) if need_e else None
+    grad_unit = None  # every chunk writes its rows; a rank without classes contributes zero
+    if need_e:
+        grad_unit = (torch.empty_like if count else torch.zeros_like)(e_unit)
     x = None  # need_w: X = the sum over chunks of (G/|w|)^T @ (r e), written by the first
     owned_rows = blocks.owned_rows
     outs = []
@@ -442,7 +444,7 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
 class _ChunkedMarginLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weight, target_index, row_index, head, group, block_size,
-                gemm_dtype, side, tiles, chunk_rows):
+                gemm_dtype, side, tiles, chunk_rows, grad_enabled):
         work = compute_dtype(embeddings, weight)
         gemm = gemm_dtype or work  # resolved by chunked_margin_loss (autocast is off in here)
         blocks = _Blocks(weight, row_index, target_index, block_size, work, gemm)
@@ -462,7 +464,9 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         ctx.precomputed = None
         if chunk_rows:
             # 2-3 and the gradients, chunk by chunk of rows (see _row_sweep).
-            need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            # needs_input_grad says True under no_grad too: the caller's grad mode decides.
+            need_e = grad_enabled and ctx.needs_input_grad[0]
+            need_w = grad_enabled and ctx.needs_input_grad[1]
             (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit,
              grad_weight) = _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index,
                                        prep, local_target, raw_target, chunk_rows, need_e, need_w)
@@ -538,7 +542,7 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
         ctx.blocks = ctx.prep = ctx.tiles = None
         return (grad_embeddings, grad_weight, None, None, None, None, None, None, None, None,
-                None)
+                None, None)
 
 
 def _chunk_rows(sweep, chunk_rows, fused, embeddings, weight, row_index, group) -> int:
@@ -647,7 +651,7 @@ def chunked_margin_loss(
     with torch.autocast(embeddings.device.type, enabled=False):
         loss = _ChunkedMarginLoss.apply(
             embeddings, weight, target_index, row_index, head, group, block_size, gemm, side,
-            tiles, chunk_rows,
+            tiles, chunk_rows, torch.is_grad_enabled(),
         )
     diagnostics = {k: v.detach() for k, v in head.diagnostics(side["prep"], side["stats"]).items()}
     diagnostics["target_cos"] = side["target_cos"]
