@@ -128,6 +128,8 @@ def main(argv=None):
         return loss
 
     scored = max(1, int(args.sample_rate * module.num_local))
+    chunk_rows = partial_fc.chunked.plan_chunk_rows(args.sweep, args.fused, args.batch, scored,
+                                                    device)
     floor_block = args.block_size or default_block_size(args.batch, device)
     if args.impl == "reference" or module.resolve_impl(args.batch, scored) == "reference":
         floor_block = scored  # the reference path's GEMMs are whole
@@ -175,7 +177,9 @@ def main(argv=None):
         "peak_bytes": int(peak),
         "peak_gib": round(peak / 2**30, 3), "loss": round(float(loss.detach()), 5),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "fused": args.fused,
-        "sweep": args.sweep,
+        "sweep": args.sweep, "chunk_rows": chunk_rows,
+        "resolved_sweep": (("rows" if chunk_rows else "classes")
+                           if module.last_impl == "chunked" else None),
     }
     if floor_times:
         floor_ms = statistics.median(floor_times)

@@ -57,16 +57,17 @@ MIN_CHUNK_ROWS = {"cpu": 128}
 SWEEPS = ("auto", "rows", "classes")
 
 
-def row_chunk_size(rows: int, classes: int, device: torch.device) -> int:
+def row_chunk_size(rows: int, classes: int, device: torch.device, minimum: bool = True) -> int:
     """Rows per chunk of the row sweep for a global batch of ``rows`` against ``classes`` scored
-    classes (the most any rank scores), balanced over the chunks; 0 when a chunk within the
-    device's tile budget (``ROW_TILE_ELEMENTS``) would have fewer rows than the device's minimum
-    (``MIN_CHUNK_ROWS``; elsewhere the whole batch), where the class sweep is the faster one."""
+    classes (the most any rank scores), balanced over the chunks, within the device's tile
+    budget (``ROW_TILE_ELEMENTS``; at least one row). With ``minimum``, 0 when that chunk would
+    have fewer rows than the device's minimum (``MIN_CHUNK_ROWS``; elsewhere the whole batch),
+    where the class sweep is the faster one."""
     kind = torch.device(device).type
     budget = ROW_TILE_ELEMENTS.get(kind, ROW_TILE_ELEMENTS["cuda"])
     rows = max(1, int(rows))
-    fit = min(rows, budget // max(1, int(classes)))
-    if fit < min(rows, MIN_CHUNK_ROWS.get(kind, rows)):
+    fit = max(1, min(rows, budget // max(1, int(classes))))
+    if minimum and fit < min(rows, MIN_CHUNK_ROWS.get(kind, rows)):
         return 0
     chunks = -(-rows // fit)
     return -(-rows // chunks)
@@ -545,27 +546,29 @@ class _ChunkedMarginLoss(torch.autograd.Function):
                 None, None)
 
 
-def _chunk_rows(sweep, chunk_rows, fused, embeddings, weight, row_index, group) -> int:
-    """Rows per chunk of the row sweep, or 0 for the class sweep (the same on every rank)."""
-    if sweep == "classes":
+def plan_chunk_rows(sweep: str, fused: bool, rows: int, scored: int, device,
+                    chunk_rows: Optional[int] = None) -> int:
+    """Rows per chunk of the row sweep for ``sweep`` (see :func:`chunked_margin_loss`), or 0 for
+    the class sweep: ``fused`` whether every rank has fused tiles, ``rows`` the global batch,
+    ``scored`` the most classes any rank scores."""
+    if sweep == "classes" or (sweep == "auto" and not fused):
         return 0
-    rows = embeddings.shape[0]
-    if sweep == "rows" and chunk_rows is not None:
+    if chunk_rows is not None:
         return min(chunk_rows, rows)
+    return row_chunk_size(rows, scored, device, minimum=sweep == "auto")
+
+
+def _chunk_rows(sweep, chunk_rows, fused, embeddings, weight, row_index, group) -> int:
+    """:func:`plan_chunk_rows` with every rank's view: the same value on every rank."""
+    if sweep == "classes" or (sweep == "rows" and chunk_rows is not None):
+        return plan_chunk_rows(sweep, fused, embeddings.shape[0], 0, embeddings.device, chunk_rows)
     scored = int(row_index.numel()) if row_index is not None else int(weight.shape[0])
-    if group is not None:  # the most any rank scores, and whether every rank has its tiles
-        agree = torch.tensor([scored, int(sweep == "auto" and not fused)], dtype=torch.int64,
-                             device=embeddings.device)
+    if group is not None:  # the most any rank scores, and whether some rank lacks fused tiles
+        agree = torch.tensor([scored, int(not fused)], dtype=torch.int64, device=embeddings.device)
         dist.all_reduce(agree, op=dist.ReduceOp.MAX, group=group)
-        scored, unfused_somewhere = int(agree[0]), bool(agree[1])
-    else:
-        unfused_somewhere = sweep == "auto" and not fused
-    if sweep == "auto" and unfused_somewhere:
-        return 0
-    size = row_chunk_size(rows, scored, embeddings.device)
-    if sweep == "rows":
-        return chunk_rows or size or min(rows, MIN_CHUNK_ROWS.get(embeddings.device.type, rows))
-    return size
+        scored, fused = int(agree[0]), not bool(agree[1])
+    return plan_chunk_rows(sweep, fused, embeddings.shape[0], scored, embeddings.device,
+                           chunk_rows)
 
 
 def chunked_margin_loss(

@@ -139,6 +139,8 @@ def test_row_chunk_size_follows_the_tile_budget():
     chunk = row_chunk_size(1024, 100_000, cpu)  # balanced chunks within the budget
     assert chunk * 100_000 <= budget and -(-1024 // chunk) == -(-1024 * 100_000 // budget)
     assert row_chunk_size(1024, budget // (least - 1), cpu) == 0  # too few rows: class sweep
+    assert row_chunk_size(1024, budget // 3, cpu, minimum=False) == 3  # forced: in budget
+    assert row_chunk_size(1024, 2 * budget, cpu, minimum=False) == 1
     assert row_chunk_size(least // 2, budget // (least // 2), cpu) == least // 2  # small batch
     # CUDA: only a chunk of the whole batch (the weight gradient is then written once).
     cuda = torch.device("cuda")
@@ -308,7 +310,7 @@ def test_cuda_compiled_tiles_match_reference(name):
 
 # --- configuration ----------------------------------------------------------------------------
 
-def test_head_fused_key_is_validated_and_reaches_the_classifier():
+def test_head_fused_and_sweep_keys_are_validated_and_reach_the_classifier():
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -326,3 +328,12 @@ def test_head_fused_key_is_validated_and_reaches_the_classifier():
         assert build_classifier(cfg, num_classes=10).fused is want
     with pytest.raises(ConfigError, match=r"head\.fused must be true or false, got 'maybe'"):
         validate_config(bad)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        rows = compose(config_name="config", overrides=["trainer.device=cpu", "head.sweep=rows"])
+        bad_sweep = compose(config_name="config", overrides=["head.sweep=diagonal"])
+    assert build_classifier(default, num_classes=10).sweep == "auto"
+    validate_config(rows)
+    assert build_classifier(rows, num_classes=10).sweep == "rows"
+    with pytest.raises(ConfigError, match=r"head\.sweep must be one of \('auto', 'rows', "
+                                          r"'classes'\), got 'diagonal'"):
+        validate_config(bad_sweep)
