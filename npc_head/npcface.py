@@ -45,10 +45,12 @@ class NPCFace(MarginHead):
 
     @torch.no_grad()
     def negative_sums(self, cos: torch.Tensor, prep: Prep):
-        # In the cosines' dtype (the fused tile pass reduces in registers; a float64 sum there
-        # costs a second loop): fp32 counts are exact up to 2^24 columns per call.
-        hard = (cos > prep["tau"][:, None]).to(cos.dtype)
-        return (cos * hard).sum(dim=1), hard.sum(dim=1)
+        # In the cosines' dtype, as the tile paths always summed (widened to float64 by
+        # negative_stats / the classifier): fp32 counts are exact up to 2^24 columns per call.
+        # where(), not a product with the mask: a NaN cosine is not hard and adds nothing.
+        hard = cos > prep["tau"][:, None]
+        zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
+        return torch.where(hard, cos, zero).sum(dim=1), hard.to(cos.dtype).sum(dim=1)
 
     def negative_logits(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
         hard = cos > prep["tau"][:, None]

@@ -1,7 +1,8 @@
-"""One pass per direction over each [global batch x block] tile of the chunked classifier.
+"""One pass per direction over each tile of the chunked classifier.
 
 The chunked path (:mod:`partial_fc.chunked`) leaves the GEMMs to the vendor library and hands
-each raw GEMM tile ``raw = e_unit @ w_block^T`` (the weight rows *not* normalised) to two
+each raw GEMM tile ``raw = e_unit @ w^T`` (the weight rows *not* normalised; [global batch x
+block] in the class sweep, [chunk of rows x every scored class] in the row sweep) to two
 elementwise-and-row-reduction functions written to be compiled whole by ``torch.compile``
 (inductor: one C++ loop nest on CPU, one Triton kernel on CUDA, from the same code):
 
@@ -14,8 +15,10 @@ elementwise-and-row-reduction functions written to be compiled whole by ``torch.
   weight rows directly (the weight normalisation folded into the tile; see
   :mod:`partial_fc.chunked` for the chain rule of the norm).
 
-Both run the head's own ``negative_logits`` / ``negative_logit_slope`` / ``negative_stats``
-(the four-call protocol of :mod:`npc_head.base`), so every head gets the fused form.
+Both run the head's own ``negative_logits`` / ``negative_logit_slope`` / ``negative_sums``
+(the protocol of :mod:`npc_head.base`), so every head gets the fused form. The row sweep also
+compiles :func:`project_weight_grad_`, the weight gradient's chain rule through w / |w| in one
+pass over the [classes x D] result.
 """
 from __future__ import annotations
 

@@ -290,20 +290,23 @@ def test_ranks_agree_on_the_sweep_when_one_rank_has_no_fused_tiles():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sweep", ["rows", "classes"])
 @pytest.mark.parametrize("name", ["npcface", "arcface", "curricularface"])
-def test_cuda_compiled_tiles_match_reference(name):
+def test_cuda_compiled_tiles_match_reference(name, sweep):
     """On the device: Triton tiles, fp32 GEMMs to 1e-5 and bf16 GEMMs (fp32 accumulation and
-    statistics) to bf16's resolution against the fp32 reference path."""
+    statistics) to bf16's resolution against the fp32 reference path, in both sweeps (rows:
+    chunks of 40 of the 96 rows)."""
     if compiler_unavailable_reason(torch.device("cuda")) is not None:
         pytest.skip(compiler_unavailable_reason(torch.device("cuda")))
     weight, emb, labels = make_problem(3001, 64, 96, seed=8)
     weight, emb, labels = weight.float().cuda(), emb.float().cuda(), labels.cuda()
     want = _losses(reference_margin_loss, HEADS[name]().cuda(), weight, emb, labels)
     head = HEADS[name]().cuda()
-    got = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, block_size=1024)
+    kw = dict(sweep=sweep, block_size=1024, chunk_rows=40 if sweep == "rows" else None)
+    got = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, **kw)
     _assert_same(got, want, 1e-5)
-    got16 = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, block_size=1024,
-                   gemm_dtype=torch.bfloat16)
+    got16 = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True,
+                   gemm_dtype=torch.bfloat16, **kw)
     torch.testing.assert_close(got16[0], want[0], rtol=2e-2, atol=2e-2 * want[0].abs().max())
     torch.testing.assert_close(got16[1], want[1], rtol=5e-2, atol=5e-2 * want[1].abs().max())
 
