@@ -196,6 +196,7 @@ def test_low_precision_embeddings_run_low_precision_gemms(dtype, sweep):
     w = weight.clone().requires_grad_(True)
     ref = reference_loss("npcface", NPC_DEFAULT, emb, w, labels)[0]
     ref.backward()
+    ref = ref.detach()
     module = partial_fc.PartialFC(npc_head.NPCFace(), 16, 53, impl="chunked", block_size=10,
                                   sweep=sweep)
     with torch.no_grad():
