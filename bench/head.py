@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--impl", choices=partial_fc.classifier.IMPLS, default="chunked")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
                    help="chunked: one compiled pass per tile and direction (head.fused)")
+    p.add_argument("--sweep", choices=partial_fc.chunked.SWEEPS, default="auto",
+                   help="chunked: chunks of rows (3 GEMMs) or blocks of classes (4 GEMMs)")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                    help="time the step's bare GEMMs before each step (gemm_floor_ms)")
     p.add_argument("--sample-rate", type=float, default=1.0)
@@ -82,7 +84,7 @@ def build(args, device):
     head = npc_head.NPCFace() if args.head == "npcface" else npc_head.ArcFace(m=0.5)
     module = partial_fc.PartialFC(
         head, args.dim, args.classes, sample_rate=args.sample_rate, impl=args.impl,
-        block_size=args.block_size, seed=args.seed, fused=args.fused,
+        block_size=args.block_size, seed=args.seed, fused=args.fused, sweep=args.sweep,
     ).to(device)
     if args.optimizer == "torch":
         opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -126,6 +128,8 @@ def main(argv=None):
         return loss
 
     scored = max(1, int(args.sample_rate * module.num_local))
+    chunk_rows = partial_fc.chunked.plan_chunk_rows(args.sweep, args.fused, args.batch, scored,
+                                                    device)
     floor_block = args.block_size or default_block_size(args.batch, device)
     if args.impl == "reference" or module.resolve_impl(args.batch, scored) == "reference":
         floor_block = scored  # the reference path's GEMMs are whole
@@ -173,6 +177,9 @@ def main(argv=None):
         "peak_bytes": int(peak),
         "peak_gib": round(peak / 2**30, 3), "loss": round(float(loss.detach()), 5),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "fused": args.fused,
+        "sweep": args.sweep, "chunk_rows": chunk_rows,
+        "resolved_sweep": (("rows" if chunk_rows else "classes")
+                           if module.last_impl == "chunked" else None),
     }
     if floor_times:
         floor_ms = statistics.median(floor_times)

@@ -9,7 +9,10 @@ into logits. Per step, for the global batch:
 2. ``negative_stats(cos, prep)`` returns per-row sums over the given columns, shape
    ``[rows, num_stats]`` in float64; the classifier removes the target column's share, sums the
    result over column blocks and ranks, and hands it to step 4. Heads with ``num_stats == 0``
-   return ``None``.
+   return ``None``. A head with statistics implements ``negative_sums(cos, prep)``: the
+   ``num_stats`` sums as a tuple of [rows] tensors in the cosines' dtype (fp32 or wider), which
+   ``negative_stats`` stacks and widens (the fused tile pass needs them unstacked: a stack of
+   reductions splits inductor's one loop over the tile into several).
 3. ``negative_logits(cos, prep)`` maps cosines to (unscaled) negative logits, elementwise per
    row; the target column's value is discarded.
    ``negative_logit_slope(cos, prep)`` is its elementwise derivative d logit / d cos, which the
@@ -73,8 +76,17 @@ class MarginHead(nn.Module):
     def prepare(self, target_cos: torch.Tensor) -> Prep:
         return {}
 
+    def negative_sums(self, cos: torch.Tensor, prep: Prep) -> tuple:
+        """The ``num_stats`` per-row sums over the columns of ``cos`` [rows, cols], each [rows]
+        in ``cos.dtype`` (empty for heads without statistics)."""
+        return ()
+
     def negative_stats(self, cos: torch.Tensor, prep: Prep) -> Optional[torch.Tensor]:
-        return None
+        """``negative_sums`` stacked as [rows, num_stats] float64, or None without statistics."""
+        if not self.num_stats:
+            return None
+        with torch.no_grad():
+            return torch.stack([x.to(torch.float64) for x in self.negative_sums(cos, prep)], dim=1)
 
     def negative_logits(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
         return cos

@@ -44,12 +44,13 @@ class NPCFace(MarginHead):
         return {"tau": cos_add(target_cos.detach(), self.hard_margin)}
 
     @torch.no_grad()
-    def negative_stats(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
+    def negative_sums(self, cos: torch.Tensor, prep: Prep):
+        # In the cosines' dtype, as the tile paths always summed (widened to float64 by
+        # negative_stats / the classifier): fp32 counts are exact up to 2^24 columns per call.
+        # where(), not a product with the mask: a NaN cosine is not hard and adds nothing.
         hard = cos > prep["tau"][:, None]
-        hard_sum = torch.where(hard, cos, torch.zeros((), dtype=cos.dtype, device=cos.device))
-        return torch.stack(
-            [hard_sum.sum(dim=1, dtype=torch.float64), hard.sum(dim=1).to(torch.float64)], dim=1
-        )
+        zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
+        return torch.where(hard, cos, zero).sum(dim=1), hard.to(cos.dtype).sum(dim=1)
 
     def negative_logits(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
         hard = cos > prep["tau"][:, None]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from npc_head.base import select_rows
 
 from .distributed import all_reduce
-from .fused_tiles import FusedTiles
+from .fused_tiles import FusedTiles, stack_sums
 from .reference import LOW_PRECISION, compute_dtype, gather_target_cosines
 
 # F.normalize's default floor on the norm; the chunked path reproduces it exactly.
@@ -44,6 +44,35 @@ NORM_EPS = 1e-12
 # Bg=1024 (a 256 MiB fp32 tile; the feasibility probe in bench/RESULTS.md used 128K-256K),
 # leaving room for weight, gradient and momentum within the 8 GiB target at 1M classes.
 DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+# The row sweep (three GEMMs, no recomputed tile) holds a [chunk rows x scored classes] tile.
+# Its budget per device type, and the fewest rows a chunk may have: thin chunks make thin GEMMs
+# and re-read the weight gradient (accumulated over the chunks, one read and write of
+# [classes x D] each). On 2 CPU cores at 100K classes, D 512, the three GEMMs of a step in chunks
+# of 32 / 64 / 128 / 256 / 512 rows took 2.2 / 1.65 / 1.19 / 1.27 / 0.99x the class-block
+# floor (bench/RESULTS.md), where the class sweep's four GEMMs are 1.33x: 128 rows at least.
+# A GPU (about 200 flops per byte of memory traffic) hides the re-read only behind one chunk of
+# the whole batch.
+ROW_TILE_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 26}
+MIN_CHUNK_ROWS = {"cpu": 128}
+SWEEPS = ("auto", "rows", "classes")
+
+
+def row_chunk_size(rows: int, classes: int, device: torch.device, minimum: bool = True) -> int:
+    """Rows per chunk of the row sweep for a global batch of ``rows`` against ``classes`` scored
+    classes (the most any rank scores), balanced over the chunks, within the device's tile
+    budget (``ROW_TILE_ELEMENTS``; at least one row). With ``minimum``, 0 when that chunk would
+    have fewer rows than the device's minimum (``MIN_CHUNK_ROWS``; elsewhere the whole batch),
+    where the class sweep is the faster one."""
+    kind = torch.device(device).type
+    budget = ROW_TILE_ELEMENTS.get(kind, ROW_TILE_ELEMENTS["cuda"])
+    rows = max(1, int(rows))
+    fit = max(1, min(rows, budget // max(1, int(classes))))
+    if minimum and fit < min(rows, MIN_CHUNK_ROWS.get(kind, rows)):
+        return 0
+    chunks = -(-rows // fit)
+    return -(-rows // chunks)
 
 
 def default_block_size(rows: int, device: torch.device) -> int:
@@ -228,8 +257,8 @@ def _fused_forward_sweep(tiles, blocks, e_gemm, prep, w_norm, neg_max, neg_sum):
         inv_norm = 1.0 / w_norm[start:stop].clamp_min(NORM_EPS)
         raw = _matmul(e_gemm, w_raw.to(blocks.gemm).t(), work, out=_tile(buffer, rows, stop - start))
         target_col, _ = blocks.target_columns(start, stop, rows)
-        neg_max, neg_sum, block_stats = tiles.forward(raw, inv_norm, target_col, prep, neg_max,
-                                                      neg_sum)
+        neg_max, neg_sum, sums = tiles.forward(raw, inv_norm, target_col, prep, neg_max, neg_sum)
+        block_stats = stack_sums(sums)
         if block_stats is not None:
             stats = block_stats if stats is None else stats.add_(block_stats)
     return neg_max, neg_sum, stats
@@ -296,10 +325,129 @@ def _fused_backward_sweep(tiles, head, blocks, prep, e_gemm, e_scaled, w_norm, r
             blocks.put_weight_grad(grad_weight, start, stop, x.sub_(w_raw * radial[:, None]))
 
 
+def _softmax_terms(head, group, neg_max, neg_sum, stats, prep, owned, local_target, raw_target):
+    """Step 3 for a set of rows: the positive logit joins, global max and sum-exp, the loss.
+
+    ``neg_max``, ``neg_sum`` [R] this rank's negatives (sum relative to the max), ``stats`` their
+    [R, num_stats] sums or None (all-reduced here), ``prep`` the rows' head dict, ``owned`` the
+    positions among the R rows whose target this rank holds, ``local_target`` / ``raw_target``
+    their clamped / raw target cosines. Returns (loss, row_max, sum_exp, target_coef, stats):
+    per row, and ``target_coef`` per owned row (d loss / d c_y per unit upstream gradient and
+    scale, times sum_exp, through the clamp of c_y)."""
+    rows, work, device = neg_max.shape[0], neg_max.dtype, neg_max.device
+    if stats is None and head.num_stats:
+        stats = torch.zeros(rows, head.num_stats, dtype=torch.float64, device=device)
+    if stats is not None:
+        stats = all_reduce(stats, dist.ReduceOp.SUM, group)
+    owned_stats = stats[owned] if stats is not None else None
+    positive, positive_slope = _positive_and_slope(head, local_target, select_rows(prep, owned),
+                                                   owned_stats)
+    positive = positive.to(work) * head.scale
+    local_max = neg_max.clone()
+    local_max[owned] = torch.maximum(neg_max[owned], positive)
+    row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
+    local_sum = neg_sum * torch.exp(neg_max - row_max)
+    local_sum[owned] += torch.exp(positive - row_max[owned])
+    target_logit = torch.zeros_like(local_sum)
+    target_logit[owned] = positive
+    summed = all_reduce(torch.stack([local_sum, target_logit]), dist.ReduceOp.SUM, group)
+    sum_exp = summed[0]
+    loss = torch.log(sum_exp) + row_max - summed[1]
+    # Backward works with exp(logit - row_max) and divides by sum_exp per row, as the reference
+    # softmax does (a log-sum-exp of magnitude ~s would cost fp32 an ulp).
+    p_target = torch.exp(positive - row_max[owned])
+    in_range = (raw_target >= -1.0) & (raw_target <= 1.0)
+    target_coef = (p_target - sum_exp[owned]) * positive_slope.to(work) * in_range.to(work)
+    return loss, row_max, sum_exp, target_coef, stats
+
+
+def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, local_target,
+               raw_target, chunk_rows, need_e, need_w):
+    """Steps 2-3 and the whole backward, chunk by chunk of ``chunk_rows`` global-batch rows
+    against every scored class of this rank: three GEMMs per chunk (the [rows x classes] tile,
+    then (G/|w|) @ W and (G/|w|)^T @ (r e)), the tile never recomputed.
+
+    A chunk's tile holds every class, so its rows' statistics, max and sum-exp are complete
+    once ``tiles.forward`` has seen it; the collectives of step 3 run per chunk (every rank
+    walks the same chunks), and the chunk's gradient tile G (``tiles.backward``, in place) feeds
+    the two gradient GEMMs at once. Gradients are formed per unit upstream gradient: the
+    embedding side per row (scaled in backward by each row's upstream gradient), the weight side
+    summed over rows (valid when that gradient is the same for every row, as for a mean loss;
+    backward checks and otherwise recomputes it by the class sweep).
+
+    Returns (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_weight): per
+    row; per owned row; [Bg, num_stats] or None; [scored] |w|; the unit embeddings' gradient
+    [Bg, D] per unit upstream gradient (None unless ``need_e``); the weight's gradient per unit
+    upstream gradient, shaped as the weight (None unless ``need_w``)."""
+    rows, work, gemm, device = e_unit.shape[0], blocks.work, blocks.gemm, e_unit.device
+    count = blocks.count
+    w_raw = blocks.raw_rows(slice(0, count))
+    w_norm = w_raw.norm(dim=1)
+    inv_norm = 1.0 / w_norm.clamp_min(NORM_EPS)
+    w_gemm = w_raw if gemm == work else w_raw.to(gemm)
+    buffer = torch.empty(min(chunk_rows, rows) * count, dtype=work, device=device)
+    grad_buffer = buffer if gemm == work else torch.empty_like(buffer, dtype=gemm)
+    grad_unit = None  # every chunk writes its rows; a rank without classes contributes zero
+    if need_e:
+        grad_unit = (torch.empty_like if count else torch.zeros_like)(e_unit)
+    x = None  # need_w: X = the sum over chunks of (G/|w|)^T @ (r e), written by the first
+    owned_rows = blocks.owned_rows
+    outs = []
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        r = stop - start
+        chunk_prep = {k: v[start:stop] for k, v in prep.items()}
+        cols = target_index[start:stop]
+        if count:
+            raw = _matmul(e_gemm[start:stop], w_gemm.t(), work, out=buffer[: r * count].view(r, count))
+            neg_max, neg_sum, sums = tiles.forward(
+                raw, inv_norm, cols, chunk_prep,
+                torch.full((r,), -math.inf, dtype=work, device=device),
+                torch.zeros(r, dtype=work, device=device))
+            stats = stack_sums(sums)
+        else:  # no classes on this rank: nothing to score, but the collectives still run
+            neg_max = torch.full((r,), -math.inf, dtype=work, device=device)
+            neg_sum, stats = torch.zeros(r, dtype=work, device=device), None
+        inside = ((owned_rows >= start) & (owned_rows < stop)).nonzero(as_tuple=True)[0]
+        owned = owned_rows[inside] - start
+        terms = _softmax_terms(head, group, neg_max, neg_sum, stats, chunk_prep, owned,
+                               local_target[inside], raw_target[inside])
+        outs.append(terms)
+        if not count or not (need_e or need_w):
+            continue
+        _, row_max, sum_exp, target_coef, _ = terms
+        coef = torch.zeros(r, dtype=work, device=device)
+        coef[owned] = target_coef
+        row_scale = head.scale / sum_exp
+        out = tiles.backward(raw, inv_norm, cols, coef, chunk_prep, row_max,
+                             grad_buffer[: r * count].view(r, count))
+        if need_w:
+            e_scaled = (e_unit[start:stop] * row_scale[:, None]).to(gemm)
+            if x is None:
+                x = _matmul(out.t(), e_scaled, work)
+            else:
+                _add_matmul_(x, out.t(), e_scaled)
+        if need_e:
+            grad_unit[start:stop] = _matmul(out, w_gemm, work) * row_scale[:, None]
+    loss, row_max, sum_exp, target_coef, stats = (
+        torch.cat(parts) if parts[0] is not None else None for parts in zip(*outs))
+    grad_weight = None
+    if need_w and x is None:  # no classes on this rank
+        grad_weight = torch.zeros_like(blocks.weight)
+    elif need_w:
+        tiles.project_weight_grad_(x, w_raw, inv_norm, (w_norm >= NORM_EPS).to(work))
+        if blocks.row_index is None:
+            grad_weight = x.to(blocks.weight.dtype)
+        else:
+            grad_weight = torch.zeros_like(blocks.weight)
+            grad_weight.index_copy_(0, blocks.row_index, x.to(grad_weight.dtype))
+    return loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_weight
+
+
 class _ChunkedMarginLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weight, target_index, row_index, head, group, block_size,
-                gemm_dtype, side, tiles):
+                gemm_dtype, side, tiles, chunk_rows, grad_enabled):
         work = compute_dtype(embeddings, weight)
         gemm = gemm_dtype or work  # resolved by chunked_margin_loss (autocast is off in here)
         blocks = _Blocks(weight, row_index, target_index, block_size, work, gemm)
@@ -307,7 +455,6 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         device = embeddings.device
         e_unit, e_norm = _normalize_rows(embeddings.to(work))
         e_gemm = e_unit.to(gemm)
-        w_norm = torch.empty(blocks.count, dtype=work, device=device)  # filled by the sweep
 
         # 1. Target cosines straight from the target rows (the owner contributes, then all-reduce).
         owned_rows, owned_cols = blocks.owned_rows, blocks.owned_cols
@@ -317,44 +464,32 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         target_cos = gather_target_cosines(local_target, owned_rows, rows, work, device, group)
         prep = head.prepare(target_cos)
 
-        # 2. One sweep: negative statistics and the running max / sum-exp of the negative logits
-        #    (kept as max and a sum relative to it, not as a log: adding logs of magnitude ~s
-        #    block after block would cost fp32 an ulp of s each time).
-        neg_max = torch.full((rows,), -math.inf, dtype=work, device=device)
-        neg_sum = torch.zeros(rows, dtype=work, device=device)
-        if tiles is None:
-            neg_max, neg_sum, stats = _eager_forward_sweep(head, blocks, e_gemm, prep, w_norm,
-                                                           neg_max, neg_sum)
+        ctx.precomputed = None
+        if chunk_rows:
+            # 2-3 and the gradients, chunk by chunk of rows (see _row_sweep).
+            # needs_input_grad says True under no_grad too: the caller's grad mode decides.
+            need_e = grad_enabled and ctx.needs_input_grad[0]
+            need_w = grad_enabled and ctx.needs_input_grad[1]
+            (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit,
+             grad_weight) = _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index,
+                                       prep, local_target, raw_target, chunk_rows, need_e, need_w)
+            ctx.precomputed = (grad_unit, grad_weight)
         else:
-            neg_max, neg_sum, stats = _fused_forward_sweep(tiles, blocks, e_gemm, prep, w_norm,
-                                                           neg_max, neg_sum)
-        if stats is None and head.num_stats:
-            stats = torch.zeros(rows, head.num_stats, dtype=torch.float64, device=device)
-        if stats is not None:
-            stats = all_reduce(stats, dist.ReduceOp.SUM, group)
-
-        # 3. The positive logit joins; global max and sum-exp; the loss.
-        owned_prep = select_rows(prep, owned_rows)
-        owned_stats = stats[owned_rows] if stats is not None else None
-        positive, positive_slope = _positive_and_slope(head, local_target, owned_prep, owned_stats)
-        positive = positive.to(work) * head.scale
-        local_max = neg_max.clone()
-        local_max[owned_rows] = torch.maximum(neg_max[owned_rows], positive)
-        row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
-        local_sum = neg_sum * torch.exp(neg_max - row_max)
-        local_sum[owned_rows] += torch.exp(positive - row_max[owned_rows])
-        target_logit = torch.zeros_like(local_sum)
-        target_logit[owned_rows] = positive
-        summed = all_reduce(torch.stack([local_sum, target_logit]), dist.ReduceOp.SUM, group)
-        sum_exp = summed[0]
-        loss = torch.log(sum_exp) + row_max - summed[1]
-
-        # d loss_i / d c_y (per unit upstream gradient and scale, times sum_exp), through the
-        # clamp of c_y. Backward works with exp(logit - row_max) and divides by sum_exp per row,
-        # as the reference softmax does (a log-sum-exp of magnitude ~s would cost fp32 an ulp).
-        p_target = torch.exp(positive - row_max[owned_rows])
-        in_range = (raw_target >= -1.0) & (raw_target <= 1.0)
-        target_coef = (p_target - sum_exp[owned_rows]) * positive_slope.to(work) * in_range.to(work)
+            # 2. One sweep over class blocks: negative statistics and the running max / sum-exp
+            #    of the negative logits (kept as max and a sum relative to it, not as a log:
+            #    adding logs of magnitude ~s block after block would cost fp32 an ulp of s each
+            #    time). 3. The positive logit joins; global max and sum-exp; the loss.
+            w_norm = torch.empty(blocks.count, dtype=work, device=device)  # filled by the sweep
+            neg_max = torch.full((rows,), -math.inf, dtype=work, device=device)
+            neg_sum = torch.zeros(rows, dtype=work, device=device)
+            if tiles is None:
+                neg_max, neg_sum, stats = _eager_forward_sweep(head, blocks, e_gemm, prep, w_norm,
+                                                               neg_max, neg_sum)
+            else:
+                neg_max, neg_sum, stats = _fused_forward_sweep(tiles, blocks, e_gemm, prep,
+                                                               w_norm, neg_max, neg_sum)
+            loss, row_max, sum_exp, target_coef, stats = _softmax_terms(
+                head, group, neg_max, neg_sum, stats, prep, owned_rows, local_target, raw_target)
 
         side.update(prep=prep, stats=stats, target_cos=target_cos)
         ctx.blocks, ctx.head, ctx.prep, ctx.tiles = blocks, head, prep, tiles
@@ -370,26 +505,72 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         blocks.weight, blocks.row_index = weight, (row_index if ctx.has_row_index else None)
         work, gemm = blocks.work, blocks.gemm
         need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # d loss / d cos_ik = row_scale_i * P_ik with P = exp(s N(c_ik) - row_max_i) N'(c_ik) from
-        # the head: the per-row factor (upstream gradient, s, 1 / sum-exp) is applied to the
-        # [rows x D] operands and results, never to the tile.
-        row_scale = grad_loss.to(work) * head.scale / sum_exp
-        e_gemm = e_unit.to(gemm)
-        e_scaled = (e_unit * row_scale[:, None]).to(gemm) if need_w else None
-        grad_unit = torch.zeros_like(e_unit) if need_e else None
-        grad_weight = None
-        if need_w:  # every row is written unless only the rows of row_index are scored
-            grad_weight = (torch.zeros_like if ctx.has_row_index else torch.empty_like)(weight)
-        sweep = _eager_backward_sweep if ctx.tiles is None else partial(_fused_backward_sweep,
-                                                                          ctx.tiles)
-        sweep(head, blocks, prep, e_gemm, e_scaled, w_norm, row_max, target_coef, grad_unit,
-              grad_weight)
+        grad_loss = grad_loss.to(work)
+        grad_unit = grad_weight = None
+        if ctx.precomputed is not None:
+            grad_unit, grad_weight = ctx.precomputed
+            ctx.precomputed = None
+            if grad_unit is not None:
+                grad_unit.mul_(grad_loss[:, None])
+            if grad_weight is not None:
+                uniform = grad_loss[:1]
+                if bool((grad_loss == uniform).all()):
+                    grad_weight.mul_(uniform.to(grad_weight.dtype))
+                else:  # a weighted loss: form the weight's gradient again, row factors known
+                    grad_weight = None
+                    need_e = False
+                    need_w = True
+            need_redo = grad_weight is None and ctx.needs_input_grad[1]
+        else:
+            need_redo = need_e or need_w
+        if need_redo:
+            # d loss / d cos_ik = row_scale_i * P_ik with P = exp(s N(c_ik) - row_max_i) N'(c_ik)
+            # from the head: the per-row factor (upstream gradient, s, 1 / sum-exp) is applied
+            # to the [rows x D] operands and results, never to the tile.
+            row_scale = grad_loss * head.scale / sum_exp
+            e_gemm = e_unit.to(gemm)
+            e_scaled = (e_unit * row_scale[:, None]).to(gemm) if need_w else None
+            if need_e:
+                grad_unit = torch.zeros_like(e_unit)
+            if need_w:  # every row is written unless only the rows of row_index are scored
+                grad_weight = (torch.zeros_like if ctx.has_row_index else torch.empty_like)(weight)
+            sweep = _eager_backward_sweep if ctx.tiles is None else partial(_fused_backward_sweep,
+                                                                              ctx.tiles)
+            sweep(head, blocks, prep, e_gemm, e_scaled, w_norm, row_max, target_coef,
+                  grad_unit if need_e else None, grad_weight if need_w else None)
+            if need_e:
+                grad_unit.mul_(row_scale[:, None])
         grad_embeddings = None
-        if need_e:
-            grad_unit.mul_(row_scale[:, None])
+        if grad_unit is not None and ctx.needs_input_grad[0]:
             grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
         ctx.blocks = ctx.prep = ctx.tiles = None
-        return grad_embeddings, grad_weight, None, None, None, None, None, None, None, None
+        return (grad_embeddings, grad_weight, None, None, None, None, None, None, None, None,
+                None, None)
+
+
+def plan_chunk_rows(sweep: str, fused: bool, rows: int, scored: int, device,
+                    chunk_rows: Optional[int] = None) -> int:
+    """Rows per chunk of the row sweep for ``sweep`` (see :func:`chunked_margin_loss`), or 0 for
+    the class sweep: ``fused`` whether every rank has fused tiles, ``rows`` the global batch,
+    ``scored`` the most classes any rank scores."""
+    if sweep == "classes" or (sweep == "auto" and not fused):
+        return 0
+    if chunk_rows is not None:
+        return min(chunk_rows, rows)
+    return row_chunk_size(rows, scored, device, minimum=sweep == "auto")
+
+
+def _chunk_rows(sweep, chunk_rows, fused, embeddings, weight, row_index, group) -> int:
+    """:func:`plan_chunk_rows` with every rank's view: the same value on every rank."""
+    if sweep == "classes" or (sweep == "rows" and chunk_rows is not None):
+        return plan_chunk_rows(sweep, fused, embeddings.shape[0], 0, embeddings.device, chunk_rows)
+    scored = int(row_index.numel()) if row_index is not None else int(weight.shape[0])
+    if group is not None:  # the most any rank scores, and whether some rank lacks fused tiles
+        agree = torch.tensor([scored, int(not fused)], dtype=torch.int64, device=embeddings.device)
+        dist.all_reduce(agree, op=dist.ReduceOp.MAX, group=group)
+        scored, fused = int(agree[0]), not bool(agree[1])
+    return plan_chunk_rows(sweep, fused, embeddings.shape[0], scored, embeddings.device,
+                           chunk_rows)
 
 
 def chunked_margin_loss(
@@ -402,6 +583,8 @@ def chunked_margin_loss(
     row_index: Optional[torch.Tensor] = None,
     gemm_dtype: Optional[torch.dtype] = None,
     tiles: Optional[FusedTiles] = None,
+    sweep: str = "auto",
+    chunk_rows: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-row margin-softmax loss of the global batch against this rank's class rows, computed
     over blocks of ``block_size`` classes without materialising the logits.
@@ -419,6 +602,23 @@ def chunked_margin_loss(
     :class:`partial_fc.fused_tiles.FusedTiles` of ``head`` runs each tile's elementwise work as
     one fused pass per direction (None: the head's tile methods, one operation at a time; a
     ``tiles`` whose compile failed also falls back to them).
+
+    ``sweep`` orders the work. ``"classes"``: blocks of classes, each tile recomputed in
+    backward (four GEMMs; memory one [Bg x block] tile). ``"rows"``: chunks of ``chunk_rows``
+    rows against every scored class, gradients formed in the forward (three GEMMs; memory one
+    [chunk x scored] tile plus the weight-gradient accumulator; the tile functions of ``tiles``,
+    run eagerly when ``tiles`` is None). ``"auto"`` (default): rows when ``tiles`` is given and
+    :func:`row_chunk_size` allows it for the most classes any rank scores, else classes; every
+    rank of ``group`` takes the same choice (one small all-reduce). ``chunk_rows`` (rows sweep
+    only) overrides the chunk size.
+
+    The rows sweep forms the weight gradient per unit upstream gradient: when ``loss.backward``
+    brings a different upstream gradient per row (a weighted loss instead of a mean), backward
+    forms it again with the class sweep, same results, four GEMMs.
+
+    Raises ValueError for shapes that do not match, a ``row_index`` that is not 1-D int64,
+    ``tiles`` of another head, a ``block_size``/``chunk_rows`` that is not a positive int or a
+    ``sweep`` not in ``SWEEPS``.
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -441,13 +641,22 @@ def chunked_margin_loss(
         block_size = default_block_size(embeddings.shape[0], embeddings.device)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    chunk_rows = _chunk_rows(sweep, chunk_rows, tiles is not None, embeddings, weight, row_index,
+                             group)
+    if chunk_rows and tiles is None:
+        tiles = FusedTiles(head, compile=False)
     side: Dict[str, object] = {}
     gemm = resolve_gemm_dtype(embeddings, compute_dtype(embeddings, weight), gemm_dtype)
     # The function picks every dtype itself: autocast would recast its fp32 statistics.
     with torch.autocast(embeddings.device.type, enabled=False):
         loss = _ChunkedMarginLoss.apply(
             embeddings, weight, target_index, row_index, head, group, block_size, gemm, side,
-            tiles,
+            tiles, chunk_rows, torch.is_grad_enabled(),
         )
     diagnostics = {k: v.detach() for k, v in head.diagnostics(side["prep"], side["stats"]).items()}
     diagnostics["target_cos"] = side["target_cos"]

@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .chunked import chunked_margin_loss
+from .chunked import SWEEPS, chunked_margin_loss
 from .distributed import ProcessGroupInfo, all_gather_rows, gather_sizes
 from .fused_tiles import FusedTiles, compiler_unavailable_reason
 from .reference import reference_margin_loss
@@ -64,6 +64,11 @@ class PartialFC(nn.Module):
             CUDA; compiled on first use, sizes dynamic). False keeps the head's one-operation-
             at-a-time tiles, which are also what runs, after one warning, when no compiler
             (C++ on CPU, Triton on CUDA) is available or the compile fails.
+        sweep: how the chunked path walks the [global batch x classes] tiles (see
+            :func:`partial_fc.chunked.chunked_margin_loss`): ``"auto"`` (default; with ``fused``,
+            chunks of rows against all classes, three GEMMs, when the tile fits the device's
+            budget, else blocks of classes), ``"rows"`` or ``"classes"`` (four GEMMs, the
+            forward tile recomputed in backward).
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class PartialFC(nn.Module):
         block_size: Optional[int] = None,
         gemm_dtype: Optional[str] = None,
         fused: bool = False,
+        sweep: str = "auto",
     ):
         super().__init__()
         if not 0.0 < float(sample_rate) <= 1.0:
@@ -91,6 +97,8 @@ class PartialFC(nn.Module):
         if gemm_dtype not in GEMM_DTYPES:
             names = sorted(k for k in GEMM_DTYPES if k is not None)
             raise ValueError(f"gemm_dtype must be None or one of {names}, got {gemm_dtype!r}")
+        if sweep not in SWEEPS:
+            raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
         if int(embedding_size) < 1:
             raise ValueError(f"embedding_size must be >= 1, got {embedding_size}")
         self.pg = ProcessGroupInfo(process_group)
@@ -103,6 +111,7 @@ class PartialFC(nn.Module):
         self.block_size = block_size
         self.gemm_dtype = GEMM_DTYPES[gemm_dtype]
         self.fused = bool(fused)
+        self.sweep = sweep
         self._tiles: Optional[FusedTiles] = None  # built at the first fused chunked step
         self.last_impl: Optional[str] = None
         self.class_start, self.num_local = shard_range(
@@ -132,7 +141,7 @@ class PartialFC(nn.Module):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"class_start={self.class_start}, num_local={self.num_local}, "
             f"sample_rate={self.sample_rate}, world_size={self.world_size}, impl={self.impl}, "
-            f"fused={self.fused}"
+            f"fused={self.fused}, sweep={self.sweep}"
         )
 
     def resolve_impl(self, global_batch: int, num_scored: int) -> str:
@@ -232,6 +241,7 @@ class PartialFC(nn.Module):
                 self.head, global_embeddings, self.weight, target_index, group,
                 block_size=self.block_size, row_index=None if every_row else index,
                 gemm_dtype=self.gemm_dtype, tiles=self._fused_tiles(self.weight.device),
+                sweep=self.sweep,
             )
         else:
             weight = self.weight if every_row else self.weight[index]

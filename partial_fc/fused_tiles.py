@@ -1,7 +1,8 @@
-"""One pass per direction over each [global batch x block] tile of the chunked classifier.
+"""One pass per direction over each tile of the chunked classifier.
 
 The chunked path (:mod:`partial_fc.chunked`) leaves the GEMMs to the vendor library and hands
-each raw GEMM tile ``raw = e_unit @ w_block^T`` (the weight rows *not* normalised) to two
+each raw GEMM tile ``raw = e_unit @ w^T`` (the weight rows *not* normalised; [global batch x
+block] in the class sweep, [chunk of rows x every scored class] in the row sweep) to two
 elementwise-and-row-reduction functions written to be compiled whole by ``torch.compile``
 (inductor: one C++ loop nest on CPU, one Triton kernel on CUDA, from the same code):
 
@@ -14,8 +15,10 @@ elementwise-and-row-reduction functions written to be compiled whole by ``torch.
   weight rows directly (the weight normalisation folded into the tile; see
   :mod:`partial_fc.chunked` for the chain rule of the norm).
 
-Both run the head's own ``negative_logits`` / ``negative_logit_slope`` / ``negative_stats``
-(the four-call protocol of :mod:`npc_head.base`), so every head gets the fused form.
+Both run the head's own ``negative_logits`` / ``negative_logit_slope`` / ``negative_sums``
+(the protocol of :mod:`npc_head.base`), so every head gets the fused form. The row sweep also
+compiles :func:`project_weight_grad_`, the weight gradient's chain rule through w / |w| in one
+pass over the [classes x D] result.
 """
 from __future__ import annotations
 
@@ -30,6 +33,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# Inductor stores a pointwise result to memory once more than `realize_reads_threshold` (4)
+# loads read it; the scaled logits of a tile are read by the row max, the sum-exp and the head's
+# statistics, and recomputing them in registers beats the round trip of a [rows x classes]
+# buffer (NPCFace's forward pass over a 256 x 100K fp32 tile, 2 threads: 46 -> 22 ms; its
+# backward 19 -> 15 ms). Keys this torch's inductor does not know are left out.
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 100}
+
+
+def inductor_options() -> dict:
+    """``INDUCTOR_OPTIONS`` restricted to the keys of the installed inductor's config."""
+    from torch._inductor import config
+
+    return {k: v for k, v in INDUCTOR_OPTIONS.items() if hasattr(config, k)}
+
+
 def forward_tile(head, raw, inv_norm, target_col, prep, run_max, run_sum):
     """Per-row statistics of one tile, merged into the running max and sum-exp.
 
@@ -38,9 +56,12 @@ def forward_tile(head, raw, inv_norm, target_col, prep, run_max, run_sum):
     head's per-row dict; ``run_max``, ``run_sum`` [R] the running max of the scaled negative
     logits and the sum of exp(logit - run_max) (-inf and 0 before the first tile).
 
-    Returns ``(new_max, new_sum, stats)``: the merged [R] running values (the sum relative to
-    ``new_max``, or to 0 while a row has seen no finite logit) and the head's [R, num_stats]
-    float64 statistics over this tile's negatives (``None`` for heads without statistics).
+    Returns ``(new_max, new_sum, sums)``: the merged [R] running values (the sum relative to
+    ``new_max``, or to 0 while a row has seen no finite logit) and the head's ``num_stats``
+    per-row sums over this tile's negatives (a tuple of [R] tensors in the tile's dtype, empty
+    for heads without statistics; :func:`stack_sums` makes them the classifier's float64
+    [R, num_stats]). They stay unstacked here: a stack of reductions would split the compiled
+    pass into several loops over the tile.
     """
     cos = (raw * inv_norm).clamp(-1.0, 1.0)
     cols = torch.arange(raw.shape[1], device=raw.device)
@@ -49,13 +70,19 @@ def forward_tile(head, raw, inv_norm, target_col, prep, run_max, run_sum):
     new_max = torch.maximum(run_max, logits.amax(dim=1))
     shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
     new_sum = run_sum * torch.exp(run_max - shift) + torch.exp(logits - shift[:, None]).sum(dim=1)
-    stats = None
+    sums = ()
     if head.num_stats:
         # The head's sums over every column, less the target column's share (as the eager path).
+        has_target = (target_col >= 0).to(cos.dtype)
         target_val = cos.gather(1, target_col.clamp(min=0)[:, None])
-        own = head.negative_stats(target_val, prep)
-        stats = head.negative_stats(cos, prep) - own * (target_col >= 0)[:, None].to(own.dtype)
-    return new_max, new_sum, stats
+        own = head.negative_sums(target_val, prep)
+        sums = tuple(a - b * has_target for a, b in zip(head.negative_sums(cos, prep), own))
+    return new_max, new_sum, sums
+
+
+def stack_sums(sums) -> Optional[torch.Tensor]:
+    """The per-row sums of :func:`forward_tile` as [R, num_stats] float64 (None if empty)."""
+    return torch.stack([x.to(torch.float64) for x in sums], dim=1) if sums else None
 
 
 def backward_tile(head, raw, inv_norm, target_col, target_coef, prep, row_max, out):
@@ -81,6 +108,16 @@ def backward_tile(head, raw, inv_norm, target_col, target_coef, prep, row_max, o
     return out
 
 
+def project_weight_grad_(x, weight, inv_norm, keep):
+    """The raw weight rows' gradient through w / max(|w|, eps), in place: ``x`` [K, D] holds
+    X_k = g_k / |w_k| (g the gradient w.r.t. the unit rows) and becomes X_k - w_k (w_k . X_k) /
+    |w_k|^2, the radial part dropped where ``keep`` [K] is 0 (|w_k| < eps: F.normalize's floor
+    divides without projecting). ``weight`` [K, D] the raw rows, ``inv_norm`` [K] 1/max(|w|, eps).
+    One pass over the rows when compiled (eager: the product is a [K, D] temporary)."""
+    radial = (weight * x).sum(dim=1) * inv_norm * inv_norm * keep
+    x.sub_(weight * radial[:, None])
+
+
 def compiler_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why ``torch.compile`` cannot build the tile kernels on ``device``, or None if it can:
     inductor needs a C++ compiler on CPU and Triton on CUDA."""
@@ -97,7 +134,8 @@ def compiler_unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 class FusedTiles:
-    """The two tile passes of one head, compiled once per head (shapes dynamic).
+    """The two tile passes of one head, and the weight-gradient projection of the row sweep
+    (:func:`project_weight_grad_`), compiled once per head (shapes dynamic).
 
     ``compile=False`` runs the same functions eagerly (the numerics of the compiled form
     without the compile, for tests and debugging). A compile that fails at its first call
@@ -108,12 +146,15 @@ class FusedTiles:
         self.head = head
         self.compile = bool(compile)
         self.broken = False
-        fwd, bwd = partial(forward_tile, head), partial(backward_tile, head)
+        fwd, bwd, proj = partial(forward_tile, head), partial(backward_tile, head), \
+            project_weight_grad_
         if self.compile:
             # Sizes symbolic: a new batch or block width reuses the graph (no per-step compile).
-            fwd = torch.compile(fwd, dynamic=True)
-            bwd = torch.compile(bwd, dynamic=True)
-        self._forward, self._backward = fwd, bwd
+            options = inductor_options()
+            fwd = torch.compile(fwd, dynamic=True, options=options)
+            bwd = torch.compile(bwd, dynamic=True, options=options)
+            proj = torch.compile(proj, dynamic=True, options=options)
+        self._forward, self._backward, self._project = fwd, bwd, proj
 
     def _run(self, compiled, eager, *args):
         if self.broken:
@@ -133,3 +174,6 @@ class FusedTiles:
 
     def backward(self, *args):
         return self._run(self._backward, partial(backward_tile, self.head), *args)
+
+    def project_weight_grad_(self, *args):
+        return self._run(self._project, project_weight_grad_, *args)

@@ -76,6 +76,7 @@ def build_classifier(cfg: DictConfig, num_classes: int, group=None) -> PartialFC
         impl=str(cfg.head.impl),
         block_size=None if cfg.head.block_size is None else int(cfg.head.block_size),
         fused=bool(cfg.head.fused),
+        sweep=str(cfg.head.sweep),
         gemm_dtype=gemm_dtype_of(str(cfg.trainer.precision)) if on_cuda else None,
     )
 

@@ -18,6 +18,7 @@ import npc_head
 from ..data.datasets import LABEL_CHECKS
 from ..models.factory import MODEL_NAMES as MODELS
 from ..optim import OPTIMIZERS
+from ..chunked import SWEEPS
 from ..classifier import IMPLS
 from .data import FORMATS
 from .trainer import PRECISIONS
@@ -103,6 +104,7 @@ def validate_config(cfg: DictConfig) -> None:
     if block is not None and not _positive_int(block):
         raise ConfigError(f"head.block_size must be a positive integer or null, got {block!r}")
     _require(cfg, "head.fused", lambda v: isinstance(v, bool), "must be true or false")
+    _require(cfg, "head.sweep", lambda v: v in SWEEPS, f"must be one of {SWEEPS}")
 
     _require(cfg, "optim.name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}")
     _require(cfg, "optim.lr", lambda v: _number(v) and v > 0, "must be > 0")

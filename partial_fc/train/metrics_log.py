@@ -64,8 +64,14 @@ class MetricLogger:
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
 
     def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
-        if self.enabled and values.numel():
-            self.writer.add_histogram(name, values.detach().float().cpu(), step)
+        """A TensorBoard histogram of the finite ``values`` (none: nothing is written; a skipped
+        step's NaNs would make TensorBoard's histogram raise)."""
+        if not self.enabled:
+            return
+        values = values.detach().float().cpu().flatten()
+        values = values[torch.isfinite(values)]
+        if values.numel():
+            self.writer.add_histogram(name, values, step)
 
     def close(self) -> None:
         if self.writer is not None:

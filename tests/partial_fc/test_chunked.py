@@ -189,17 +189,24 @@ def test_weight_without_gradient_and_eval_mode():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-10, atol=0)
 
 
+@pytest.mark.parametrize("sweep", ["classes", "rows"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_embeddings_run_low_precision_gemms(dtype):
+def test_low_precision_embeddings_run_low_precision_gemms(dtype, sweep):
     weight, emb, labels = make_problem(53, 16, 12, seed=5)
-    ref = reference_loss("npcface", NPC_DEFAULT, emb, weight, labels)[0]
-    module = partial_fc.PartialFC(npc_head.NPCFace(), 16, 53, impl="chunked", block_size=10)
+    w = weight.clone().requires_grad_(True)
+    ref = reference_loss("npcface", NPC_DEFAULT, emb, w, labels)[0]
+    ref.backward()
+    ref = ref.detach()
+    module = partial_fc.PartialFC(npc_head.NPCFace(), 16, 53, impl="chunked", block_size=10,
+                                  sweep=sweep)
     with torch.no_grad():
         module.weight.copy_(weight.float())
     e = emb.to(dtype).requires_grad_(True)
     loss = module(e, labels)
     loss.backward()
     assert e.grad.dtype == dtype and torch.isfinite(e.grad.float()).all()
+    torch.testing.assert_close(module.weight.grad.double(), w.grad, rtol=0,
+                               atol=5e-2 * w.grad.abs().max())
     assert module.last_stats["margin"].dtype == torch.float64
     assert abs(float(loss.detach()) - float(ref)) <= 5e-2 * float(ref)
     # Under CPU autocast, fp32 embeddings get bf16 GEMMs as well (and fp32 statistics).

@@ -1,4 +1,5 @@
-"""The chunked head's fused tile passes (partial_fc/fused_tiles.py) against the reference path.
+"""The chunked head's fused tile passes (partial_fc/fused_tiles.py), in both sweeps (chunks of
+rows against every class, blocks of classes), against the reference path.
 
 The fused functions' math is checked in float64 for every head run eagerly (the same Python the
 compiler receives); the compiled form is checked in fp32 for NPCFace (statistics, a hard-negative
@@ -13,7 +14,7 @@ import torch
 
 import npc_head
 import partial_fc
-from partial_fc.chunked import chunked_margin_loss
+from partial_fc.chunked import MIN_CHUNK_ROWS, ROW_TILE_ELEMENTS, chunked_margin_loss, row_chunk_size
 from partial_fc.fused_tiles import FusedTiles, compiler_unavailable_reason
 from partial_fc.reference import reference_margin_loss
 
@@ -46,28 +47,115 @@ def _fused(fn, head, weight, emb, target_index, compile=False, **kw):
                    tiles=FusedTiles(head, compile=compile), **kw)
 
 
+# Each sweep with its tile sizes: blocks of 1, 7 and 100 classes; chunks of 1, 5 and all rows.
+SWEEP_CASES = [dict(sweep="classes", block_size=b) for b in (1, 7, 100)] + [
+    dict(sweep="rows", chunk_rows=c) for c in (1, 5, None)]
+
+
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_fused_float64_matches_reference_path(name):
     weight, emb, labels = make_problem(37, 16, 13, seed=21)
     weight[5] = 0.0  # F.normalize's eps branch, folded into the tile
     target_index = torch.where(labels % 4 == 0, -1, labels)  # some targets owned elsewhere
     want = _losses(reference_margin_loss, HEADS[name](), weight, emb, target_index)
-    for block_size in (1, 7, 100):
-        got = _fused(chunked_margin_loss, HEADS[name](), weight, emb, target_index,
-                     block_size=block_size)
+    for case in SWEEP_CASES:
+        got = _fused(chunked_margin_loss, HEADS[name](), weight, emb, target_index, **case)
         _assert_same(got, want, 1e-10)
 
 
-def test_fused_sampled_rows_match_and_only_they_get_gradient():
+@pytest.mark.parametrize("case", SWEEP_CASES[1::2], ids=lambda c: str(c))
+def test_fused_sampled_rows_match_and_only_they_get_gradient(case):
     weight, emb, labels = make_problem(40, 8, 9, seed=6)
     index = torch.unique(torch.cat([labels, torch.tensor([0, 3, 17, 33, 39])]))
     target_index = torch.searchsorted(index, labels)
     want = _losses(reference_margin_loss, HEADS["npcface"](), weight[index], emb, target_index)
     got = _fused(chunked_margin_loss, HEADS["npcface"](), weight, emb, target_index,
-                 block_size=4, row_index=index)
+                 row_index=index, **case)
     full_grad = torch.zeros_like(weight)
     full_grad[index] = want[2]
     _assert_same(got, (want[0], want[1], full_grad, want[3]), 1e-10)
+
+
+class CountingTiles(FusedTiles):
+    """The real tile functions (eager), counting the backward passes they run."""
+
+    def __init__(self, head):
+        super().__init__(head, compile=False)
+        self.backward_calls = 0
+
+    def backward(self, *args):
+        self.backward_calls += 1
+        return super().backward(*args)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_rows_sweep_with_a_weighted_loss_forms_the_weight_gradient_again(sampled):
+    """The row sweep forms the weight gradient for a uniform upstream gradient (a mean loss);
+    per-row weights make backward form it again by the class sweep: same gradients as the
+    reference path under the same weighted loss."""
+    weight, emb, labels = make_problem(29, 8, 12, seed=4)
+    index = torch.tensor([0, 2, 3, 5, 8, 9, 11, 13, 17, 19, 23, 28]) if sampled else None
+    if sampled:
+        labels = index[labels % len(index)]
+    target_index = torch.searchsorted(index, labels) if sampled else labels
+    row_weights = torch.linspace(0.2, 2.0, emb.shape[0], dtype=emb.dtype)
+
+    def run(fn, head, **kw):
+        w, e = weight.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+        loss, _ = fn(head, e, w[index] if sampled and fn is reference_margin_loss else w,
+                     target_index, **kw)
+        (loss * row_weights).sum().backward()
+        return loss.detach(), e.grad, w.grad
+
+    want = run(reference_margin_loss, HEADS["npcface"]())
+    head = HEADS["npcface"]()
+    tiles = CountingTiles(head)
+    got = run(chunked_margin_loss, head, tiles=tiles, sweep="rows", chunk_rows=5,
+              row_index=index)
+    chunks = -(-emb.shape[0] // 5)
+    assert tiles.backward_calls == chunks + 1  # the chunks, then one block of the class sweep
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max())
+
+
+def test_rows_sweep_forms_no_gradient_without_grad_mode():
+    """Under no_grad (validation) the row sweep runs its forward passes only."""
+    weight, emb, labels = make_problem(29, 8, 12, seed=4)
+    head = HEADS["npcface"]()
+    tiles = CountingTiles(head)
+    w = weight.clone().requires_grad_(True)
+    with torch.no_grad():
+        loss, _ = chunked_margin_loss(head, emb, w, labels, tiles=tiles, sweep="rows",
+                                      chunk_rows=4)
+    assert tiles.backward_calls == 0
+    want, _ = reference_margin_loss(HEADS["npcface"](), emb, weight, labels)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=0)
+
+
+def test_row_chunk_size_follows_the_tile_budget():
+    cpu = torch.device("cpu")
+    budget, least = ROW_TILE_ELEMENTS["cpu"], MIN_CHUNK_ROWS["cpu"]
+    assert row_chunk_size(1024, 1000, cpu) == 1024  # the whole batch fits: one chunk
+    chunk = row_chunk_size(1024, 100_000, cpu)  # balanced chunks within the budget
+    assert chunk * 100_000 <= budget and -(-1024 // chunk) == -(-1024 * 100_000 // budget)
+    assert row_chunk_size(1024, budget // (least - 1), cpu) == 0  # too few rows: class sweep
+    assert row_chunk_size(1024, budget // 3, cpu, minimum=False) == 3  # forced: in budget
+    assert row_chunk_size(1024, 2 * budget, cpu, minimum=False) == 1
+    assert row_chunk_size(least // 2, budget // (least // 2), cpu) == least // 2  # small batch
+    # CUDA: only a chunk of the whole batch (the weight gradient is then written once).
+    cuda = torch.device("cuda")
+    assert row_chunk_size(1024, ROW_TILE_ELEMENTS["cuda"] // 1024, cuda) == 1024
+    assert row_chunk_size(1024, ROW_TILE_ELEMENTS["cuda"] // 1023, cuda) == 0
+
+
+@pytest.mark.parametrize("bad", [dict(sweep="diagonal"), dict(sweep="rows", chunk_rows=0),
+                                 dict(sweep="rows", chunk_rows=2.5)])
+def test_bad_sweep_arguments_are_refused(bad):
+    weight, emb, labels = make_problem(10, 4, 3, seed=1)
+    with pytest.raises(ValueError, match="sweep|chunk_rows"):
+        chunked_margin_loss(HEADS["arcface"](), emb, weight, labels, **bad)
+    with pytest.raises(ValueError, match="sweep must be one of"):
+        partial_fc.PartialFC(HEADS["arcface"](), 4, 10, sweep="diagonal")
 
 
 def test_tiles_of_another_head_are_refused():
@@ -92,15 +180,17 @@ def _unique_graphs():
 
 
 @needs_compiler
-def test_compiled_float32_run_matches_reference_and_compiles_a_bounded_number_of_graphs():
+@pytest.mark.parametrize("sweep", ["rows", "classes"])
+def test_compiled_float32_run_matches_reference_and_compiles_a_bounded_number_of_graphs(sweep):
     """20 training steps with a different global batch each step (and Partial FC sampling, so
     the scored rows and the last block's width change too): every step matches the reference
-    path to 1e-5 in fp32, and the run compiles at most 4 graphs (forward and backward, plus one
-    re-specialisation each), not one per step."""
+    path to 1e-5 in fp32, and the run compiles at most 4 graphs (the row sweep: forward pass,
+    backward pass and weight-gradient projection; the class sweep: the two passes; plus room
+    for a re-specialisation), not one per step."""
     C, D, block, name = 97, 16, 24, "npcface"
     torch.manual_seed(0)
     fused = partial_fc.PartialFC(HEADS[name](), D, C, sample_rate=0.7, impl="chunked",
-                                 block_size=block, fused=True)
+                                 block_size=block, fused=True, sweep=sweep)
     ref = partial_fc.PartialFC(HEADS[name](), D, C, sample_rate=0.7, impl="reference")
     for m in (fused, ref):
         m.head.train(False)
@@ -152,10 +242,12 @@ def test_no_compiler_warns_once_and_runs_unfused(monkeypatch, tmp_path):
 # --- over gloo ranks (the fused math, eagerly) ------------------------------------------------
 
 BATCHES = {1: [11], 2: [7, 4], 3: [5, 3, 7]}
-DIST_CASES = [("npcface", NPC_OTHER, 41, 8, 0.4, 4, 3), ("arcface", ARC, 37, 16, 1.0, 0, 64)]
+# The last case leaves the third of three ranks without classes (2 classes over 3 ranks).
+DIST_CASES = [("npcface", NPC_OTHER, 41, 8, 0.4, 4, 3), ("arcface", ARC, 37, 16, 1.0, 0, 64),
+              ("npcface", NPC_DEFAULT, 2, 8, 1.0, 5, 1)]
 
 
-def _fused_worker(rank, world_size):
+def _fused_worker(rank, world_size, sweep, unfused_rank=None):
     sizes = BATCHES[world_size]
     lo = sum(sizes[:rank])
     results = []
@@ -163,9 +255,10 @@ def _fused_worker(rank, world_size):
         weight, emb, labels = make_problem(C, D, sum(sizes), seed)
         start, count = partial_fc.shard_range(C, world_size, rank)
         module = partial_fc.PartialFC(make_head(kind, params), D, C, sample_rate=rate, seed=seed,
-                                      impl="chunked", block_size=block).double()
-        module._tiles = FusedTiles(module.head, compile=False)
-        module.fused = True
+                                      impl="chunked", block_size=block, sweep=sweep).double()
+        if rank != unfused_rank:
+            module._tiles = FusedTiles(module.head, compile=False)
+            module.fused = True
         with torch.no_grad():
             module.weight.copy_(weight[start : start + count])
         e = emb[lo : lo + sizes[rank]].clone().requires_grad_(True)
@@ -176,10 +269,20 @@ def _fused_worker(rank, world_size):
     return results
 
 
+@pytest.mark.parametrize("sweep", ["auto", "classes"])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_fused_over_ranks_matches_float64_reference(world_size):
-    results = run_workers(_fused_worker, world_size)
+def test_fused_over_ranks_matches_float64_reference(world_size, sweep):
+    """"auto" takes the row sweep here (the tiles fit the budget), one chunk per step."""
+    results = run_workers(_fused_worker, world_size, sweep)
     for _ in assert_ranks_match_reference(results, world_size, DIST_CASES, BATCHES):
+        pass
+
+
+def test_ranks_agree_on_the_sweep_when_one_rank_has_no_fused_tiles():
+    """A rank without fused tiles (no compiler on that node) makes every rank take the class
+    sweep (the sweeps run different collectives): no hang, the reference results."""
+    results = run_workers(_fused_worker, 2, "auto", 1)
+    for _ in assert_ranks_match_reference(results, 2, DIST_CASES, BATCHES):
         pass
 
 
@@ -187,27 +290,30 @@ def test_fused_over_ranks_matches_float64_reference(world_size):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("sweep", ["rows", "classes"])
 @pytest.mark.parametrize("name", ["npcface", "arcface", "curricularface"])
-def test_cuda_compiled_tiles_match_reference(name):
+def test_cuda_compiled_tiles_match_reference(name, sweep):
     """On the device: Triton tiles, fp32 GEMMs to 1e-5 and bf16 GEMMs (fp32 accumulation and
-    statistics) to bf16's resolution against the fp32 reference path."""
+    statistics) to bf16's resolution against the fp32 reference path, in both sweeps (rows:
+    chunks of 40 of the 96 rows)."""
     if compiler_unavailable_reason(torch.device("cuda")) is not None:
         pytest.skip(compiler_unavailable_reason(torch.device("cuda")))
     weight, emb, labels = make_problem(3001, 64, 96, seed=8)
     weight, emb, labels = weight.float().cuda(), emb.float().cuda(), labels.cuda()
     want = _losses(reference_margin_loss, HEADS[name]().cuda(), weight, emb, labels)
     head = HEADS[name]().cuda()
-    got = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, block_size=1024)
+    kw = dict(sweep=sweep, block_size=1024, chunk_rows=40 if sweep == "rows" else None)
+    got = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, **kw)
     _assert_same(got, want, 1e-5)
-    got16 = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True, block_size=1024,
-                   gemm_dtype=torch.bfloat16)
+    got16 = _fused(chunked_margin_loss, head, weight, emb, labels, compile=True,
+                   gemm_dtype=torch.bfloat16, **kw)
     torch.testing.assert_close(got16[0], want[0], rtol=2e-2, atol=2e-2 * want[0].abs().max())
     torch.testing.assert_close(got16[1], want[1], rtol=5e-2, atol=5e-2 * want[1].abs().max())
 
 
 # --- configuration ----------------------------------------------------------------------------
 
-def test_head_fused_key_is_validated_and_reaches_the_classifier():
+def test_head_fused_and_sweep_keys_are_validated_and_reach_the_classifier():
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -225,3 +331,12 @@ def test_head_fused_key_is_validated_and_reaches_the_classifier():
         assert build_classifier(cfg, num_classes=10).fused is want
     with pytest.raises(ConfigError, match=r"head\.fused must be true or false, got 'maybe'"):
         validate_config(bad)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        rows = compose(config_name="config", overrides=["trainer.device=cpu", "head.sweep=rows"])
+        bad_sweep = compose(config_name="config", overrides=["head.sweep=diagonal"])
+    assert build_classifier(default, num_classes=10).sweep == "auto"
+    validate_config(rows)
+    assert build_classifier(rows, num_classes=10).sweep == "rows"
+    with pytest.raises(ConfigError, match=r"head\.sweep must be one of \('auto', 'rows', "
+                                          r"'classes'\), got 'diagonal'"):
+        validate_config(bad_sweep)

@@ -121,3 +121,22 @@ def test_a_finished_run_started_again_says_there_is_nothing_to_train(tmp_path, c
         summary = again.fit()
     assert summary["steps"] == 2
     assert "the run is already at step 2 of 2" in caplog.text and "nothing to train" in caplog.text
+
+
+def test_histograms_keep_finite_values_and_skip_all_nan(tmp_path):
+    """A skipped step's NaN margins are left out of the TensorBoard histogram (TensorBoard raises
+    on a histogram of NaNs) and the finite ones are written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from partial_fc.train.metrics_log import MetricLogger
+
+    logger = MetricLogger(tmp_path, enabled=True)
+    logger.histogram(1, "npc/margin", torch.full((8,), float("nan")))
+    logger.histogram(2, "npc/margin", torch.tensor([0.4, float("nan"), 0.5, float("inf")]))
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    written = events.Histograms("npc/margin")
+    assert [h.step for h in written] == [2]
+    assert written[0].histogram_value.num == 2
+    assert abs(written[0].histogram_value.sum - 0.9) < 1e-6
