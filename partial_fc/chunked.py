@@ -543,7 +543,9 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         grad_embeddings = None
         if grad_unit is not None and ctx.needs_input_grad[0]:
             grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
-        ctx.blocks = ctx.prep = ctx.tiles = None
+        # The context stays for a retained graph's next backward (which forms the gradients
+        # again); the weight is back in saved_tensors then, so the blocks let go of it.
+        blocks.weight = blocks.row_index = None
         return (grad_embeddings, grad_weight, None, None, None, None, None, None, None, None,
                 None, None)
 

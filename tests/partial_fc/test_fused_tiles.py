@@ -340,3 +340,41 @@ def test_head_fused_and_sweep_keys_are_validated_and_reach_the_classifier():
     with pytest.raises(ConfigError, match=r"head\.sweep must be one of \('auto', 'rows', "
                                           r"'classes'\), got 'diagonal'"):
         validate_config(bad_sweep)
+
+
+def _backward_twice(fn, head, weight, emb, target_index, **kw):
+    """Gradients after ``loss.backward(retain_graph=True)`` and a second backward of a
+    differently scaled loss, then ``torch.autograd.grad`` of the weight alone, all through the
+    one forward."""
+    w = weight.clone().requires_grad_(True)
+    e = emb.clone().requires_grad_(True)
+    loss, _ = fn(head, e, w, target_index, **kw)
+    loss.mean().backward(retain_graph=True)
+    (3.0 * loss.mean()).backward(retain_graph=True)
+    (again,) = torch.autograd.grad(loss.sum(), w)
+    return e.grad, w.grad, again
+
+
+@pytest.mark.parametrize("case", [dict(sweep="classes", block_size=7),
+                                  dict(sweep="rows", chunk_rows=5)], ids=str)
+def test_a_retained_graph_gives_every_backward_the_reference_gradients(case):
+    """retain_graph=True: each backward through the same forward gives the reference path's
+    gradients (the row sweep's precomputed gradients serve the first; later ones are formed
+    again), not an AttributeError of a context cleared by the first."""
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    want = _backward_twice(reference_margin_loss, HEADS["npcface"](), weight, emb, labels)
+    head = HEADS["npcface"]()
+    got = _backward_twice(chunked_margin_loss, head, weight, emb, labels,
+                          tiles=FusedTiles(head, compile=False), **case)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max())
+
+
+def test_a_second_backward_without_a_retained_graph_is_torch_s_error():
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    head = HEADS["npcface"]()
+    loss, _ = chunked_margin_loss(head, emb, weight.clone().requires_grad_(True), labels,
+                                  tiles=FusedTiles(head, compile=False), sweep="rows")
+    loss.mean().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.mean().backward()
