@@ -554,8 +554,9 @@ def plan_chunk_rows(sweep: str, fused: bool, rows: int, scored: int, device,
                     chunk_rows: Optional[int] = None) -> int:
     """Rows per chunk of the row sweep for ``sweep`` (see :func:`chunked_margin_loss`), or 0 for
     the class sweep: ``fused`` whether every rank has fused tiles, ``rows`` the global batch,
-    ``scored`` the most classes any rank scores."""
-    if sweep == "classes" or (sweep == "auto" and not fused):
+    ``scored`` the most classes any rank scores. An empty batch (``rows`` 0) takes the class
+    sweep whatever ``sweep`` says: the row sweep has no chunk to walk."""
+    if sweep == "classes" or (sweep == "auto" and not fused) or rows == 0:
         return 0
     if chunk_rows is not None:
         return min(chunk_rows, rows)

@@ -378,3 +378,16 @@ def test_a_second_backward_without_a_retained_graph_is_torch_s_error():
     loss.mean().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.mean().backward()
+
+
+@pytest.mark.parametrize("case", [dict(sweep="auto"), dict(sweep="rows"),
+                                  dict(sweep="rows", chunk_rows=4)], ids=str)
+def test_an_empty_global_batch_gives_what_the_reference_path_gives(case):
+    """No rows at all (the class sweep and the reference path return an empty loss and zero
+    gradients; the row sweep had no chunk to take its results from)."""
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    want = _losses(reference_margin_loss, HEADS["npcface"](), weight, emb[:0], labels[:0])
+    got = _fused(chunked_margin_loss, HEADS["npcface"](), weight, emb[:0], labels[:0], **case)
+    for g, w in zip(got[:3], want[:3]):
+        assert torch.equal(g, w)
+    assert got[3].keys() == want[3].keys()
