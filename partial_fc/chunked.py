@@ -375,10 +375,12 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
     summed over rows (valid when that gradient is the same for every row, as for a mean loss;
     backward checks and otherwise recomputes it by the class sweep).
 
-    Returns (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_weight): per
+    Returns (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_rows): per
     row; per owned row; [Bg, num_stats] or None; [scored] |w|; the unit embeddings' gradient
-    [Bg, D] per unit upstream gradient (None unless ``need_e``); the weight's gradient per unit
-    upstream gradient, shaped as the weight (None unless ``need_w``)."""
+    [Bg, D] per unit upstream gradient (None unless ``need_e``); the scored rows' gradient
+    [scored, D] per unit upstream gradient, in the working dtype (None unless ``need_w``; a sum
+    over the rows, so up to Bg times the gradient of a mean loss: :func:`_weight_grad_of_rows`
+    scales it before it takes the weight's dtype, which an fp16 weight could not hold)."""
     rows, work, gemm, device = e_unit.shape[0], blocks.work, blocks.gemm, e_unit.device
     count = blocks.count
     w_raw = blocks.raw_rows(slice(0, count))
@@ -431,17 +433,22 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
             grad_unit[start:stop] = _matmul(out, w_gemm, work) * row_scale[:, None]
     loss, row_max, sum_exp, target_coef, stats = (
         torch.cat(parts) if parts[0] is not None else None for parts in zip(*outs))
-    grad_weight = None
     if need_w and x is None:  # no classes on this rank
-        grad_weight = torch.zeros_like(blocks.weight)
+        x = torch.zeros(count, e_unit.shape[1], dtype=work, device=device)
     elif need_w:
         tiles.project_weight_grad_(x, w_raw, inv_norm, (w_norm >= NORM_EPS).to(work))
-        if blocks.row_index is None:
-            grad_weight = x.to(blocks.weight.dtype)
-        else:
-            grad_weight = torch.zeros_like(blocks.weight)
-            grad_weight.index_copy_(0, blocks.row_index, x.to(grad_weight.dtype))
-    return loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_weight
+    return loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, x
+
+
+def _weight_grad_of_rows(grad_rows, weight, row_index, factor):
+    """The weight's gradient from the scored rows' gradient ``grad_rows`` [scored, D] (working
+    dtype; scaled in place by ``factor``, a [1] tensor), in the weight's dtype and shape: the
+    rows ``row_index`` (every row when None) take it, the others are zero."""
+    grad_rows.mul_(factor)
+    if row_index is None:
+        return grad_rows.to(weight.dtype)
+    grad_weight = torch.zeros_like(weight)
+    return grad_weight.index_copy_(0, row_index, grad_rows.to(weight.dtype))
 
 
 class _ChunkedMarginLoss(torch.autograd.Function):
@@ -471,9 +478,9 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             need_e = grad_enabled and ctx.needs_input_grad[0]
             need_w = grad_enabled and ctx.needs_input_grad[1]
             (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit,
-             grad_weight) = _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index,
-                                       prep, local_target, raw_target, chunk_rows, need_e, need_w)
-            ctx.precomputed = (grad_unit, grad_weight)
+             grad_rows) = _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index,
+                                     prep, local_target, raw_target, chunk_rows, need_e, need_w)
+            ctx.precomputed = (grad_unit, grad_rows)
         else:
             # 2. One sweep over class blocks: negative statistics and the running max / sum-exp
             #    of the negative logits (kept as max and a sum relative to it, not as a log:
@@ -508,16 +515,16 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         grad_loss = grad_loss.to(work)
         grad_unit = grad_weight = None
         if ctx.precomputed is not None:
-            grad_unit, grad_weight = ctx.precomputed
+            grad_unit, grad_rows = ctx.precomputed
             ctx.precomputed = None
             if grad_unit is not None:
                 grad_unit.mul_(grad_loss[:, None])
-            if grad_weight is not None:
+            if grad_rows is not None:
                 uniform = grad_loss[:1]
                 if bool((grad_loss == uniform).all()):
-                    grad_weight.mul_(uniform.to(grad_weight.dtype))
+                    grad_weight = _weight_grad_of_rows(grad_rows, weight, blocks.row_index,
+                                                       uniform)
                 else:  # a weighted loss: form the weight's gradient again, row factors known
-                    grad_weight = None
                     need_e = False
                     need_w = True
             need_redo = grad_weight is None and ctx.needs_input_grad[1]

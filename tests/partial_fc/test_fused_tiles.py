@@ -391,3 +391,24 @@ def test_an_empty_global_batch_gives_what_the_reference_path_gives(case):
     for g, w in zip(got[:3], want[:3]):
         assert torch.equal(g, w)
     assert got[3].keys() == want[3].keys()
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("sweep", ["rows", "classes"])
+def test_fp16_weight_rows_of_small_norm_get_their_finite_gradient(sweep, sampled):
+    """fp16 class rows of norm 0.01, 512 rows on three labels: the gradient (about 150) is
+    fp16-finite, but the row sweep's sum over rows per unit upstream gradient (512 times that)
+    is not: it must stay in the working dtype until backward scales it."""
+    weight, emb, labels = make_problem(20, 16, 512, seed=2)
+    labels = labels % 3
+    weight = (weight * (0.01 / weight.norm(dim=1, keepdim=True))).half()
+    index = torch.tensor([0, 1, 2, 5, 8, 13, 19]) if sampled else None
+    rows = weight.double()[index] if sampled else weight.double()
+    want = _losses(reference_margin_loss, HEADS["npcface"](), rows, emb, labels)[2]
+    if sampled:
+        want = torch.zeros_like(weight, dtype=torch.float64).index_copy_(0, index, want)
+    head = HEADS["npcface"]()
+    got = _losses(chunked_margin_loss, head, weight, emb.float(), labels, row_index=index,
+                  tiles=FusedTiles(head, compile=False), sweep=sweep)[2]
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max())
