@@ -32,7 +32,25 @@ HEADS = {
     "mv_am_fixed": lambda: npc_head.MVSoftmax(s=32.0, m=0.35, t=1.3, arc=False, fixed=True),
     "curricularface": lambda: _curricular(),
     "autograd_slope": lambda: HardSquareHead(s=20.0),
+    "stats_without_sums": lambda: HardCountHead(s=20.0),
 }
+
+
+class HardCountHead(npc_head.MarginHead):
+    """A head with statistics written to the protocol before ``negative_sums``: it overrides
+    ``negative_stats`` only (its hard-negative count widens the positive margin)."""
+
+    num_stats = 1
+
+    def prepare(self, target_cos):
+        return {"tau": target_cos.detach() - 0.1}
+
+    @torch.no_grad()
+    def negative_stats(self, cos, prep):
+        return (cos > prep["tau"][:, None]).sum(dim=1, dtype=torch.float64)[:, None]
+
+    def positive_logit(self, target_cos, prep, stats):
+        return target_cos - 0.05 * torch.log1p(stats[:, 0].to(target_cos.dtype))
 
 
 def _curricular():
@@ -412,3 +430,14 @@ def test_fp16_weight_rows_of_small_norm_get_their_finite_gradient(sweep, sampled
                   tiles=FusedTiles(head, compile=False), sweep=sweep)[2]
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max())
+
+
+def test_a_head_with_statistics_but_no_sums_is_refused_by_name():
+    class NoSums(HardCountHead):
+        negative_stats = npc_head.MarginHead.negative_stats
+
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    for case in ({}, dict(tiles=FusedTiles(NoSums(s=20.0), compile=False))):
+        head = case["tiles"].head if case else NoSums(s=20.0)
+        with pytest.raises(NotImplementedError, match="NoSums has num_stats=1"):
+            chunked_margin_loss(head, emb, weight, labels, **case)
