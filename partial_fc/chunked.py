@@ -63,7 +63,8 @@ def row_chunk_size(rows: int, classes: int, device: torch.device, minimum: bool 
     """Rows per chunk of the row sweep for a global batch of ``rows`` against ``classes`` scored
     classes (the most any rank scores), balanced over the chunks, within the device's tile
     budget (``ROW_TILE_ELEMENTS``; at least one row). With ``minimum``, 0 when that chunk would
-    have fewer rows than the device's minimum (``MIN_CHUNK_ROWS``; elsewhere the whole batch),
+    have fewer rows than the device's minimum (``MIN_CHUNK_ROWS``, or ``rows`` when fewer;
+    elsewhere the whole batch),
     where the class sweep is the faster one."""
     kind = torch.device(device).type
     budget = ROW_TILE_ELEMENTS.get(kind, ROW_TILE_ELEMENTS["cuda"])
