@@ -12,7 +12,9 @@ into logits. Per step, for the global batch:
    return ``None``. A head with statistics implements ``negative_sums(cos, prep)``: the
    ``num_stats`` sums as a tuple of [rows] tensors in the cosines' dtype (fp32 or wider), which
    ``negative_stats`` stacks and widens (the fused tile pass needs them unstacked: a stack of
-   reductions splits inductor's one loop over the tile into several).
+   reductions splits inductor's one loop over the tile into several). A head that overrides
+   ``negative_stats`` instead (the protocol before ``negative_sums``) still works everywhere:
+   the default ``negative_sums`` returns its columns.
 3. ``negative_logits(cos, prep)`` maps cosines to (unscaled) negative logits, elementwise per
    row; the target column's value is discarded.
    ``negative_logit_slope(cos, prep)`` is its elementwise derivative d logit / d cos, which the
@@ -78,8 +80,16 @@ class MarginHead(nn.Module):
 
     def negative_sums(self, cos: torch.Tensor, prep: Prep) -> tuple:
         """The ``num_stats`` per-row sums over the columns of ``cos`` [rows, cols], each [rows]
-        in ``cos.dtype`` (empty for heads without statistics)."""
-        return ()
+        in ``cos.dtype`` (empty for heads without statistics). A head that overrides only
+        ``negative_stats`` (the protocol before this method) gets its columns, in float64.
+
+        Raises NotImplementedError for a head with statistics that overrides neither."""
+        if not self.num_stats:
+            return ()
+        if type(self).negative_stats is MarginHead.negative_stats:
+            raise NotImplementedError(f"{type(self).__name__} has num_stats={self.num_stats}: it "
+                                      f"must implement negative_sums")
+        return tuple(self.negative_stats(cos, prep).unbind(dim=1))
 
     def negative_stats(self, cos: torch.Tensor, prep: Prep) -> Optional[torch.Tensor]:
         """``negative_sums`` stacked as [rows, num_stats] float64, or None without statistics."""

@@ -63,7 +63,8 @@ def row_chunk_size(rows: int, classes: int, device: torch.device, minimum: bool 
     """Rows per chunk of the row sweep for a global batch of ``rows`` against ``classes`` scored
     classes (the most any rank scores), balanced over the chunks, within the device's tile
     budget (``ROW_TILE_ELEMENTS``; at least one row). With ``minimum``, 0 when that chunk would
-    have fewer rows than the device's minimum (``MIN_CHUNK_ROWS``; elsewhere the whole batch),
+    have fewer rows than the device's minimum (``MIN_CHUNK_ROWS``, or ``rows`` when fewer;
+    elsewhere the whole batch),
     where the class sweep is the faster one."""
     kind = torch.device(device).type
     budget = ROW_TILE_ELEMENTS.get(kind, ROW_TILE_ELEMENTS["cuda"])
@@ -375,10 +376,12 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
     summed over rows (valid when that gradient is the same for every row, as for a mean loss;
     backward checks and otherwise recomputes it by the class sweep).
 
-    Returns (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_weight): per
+    Returns (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_rows): per
     row; per owned row; [Bg, num_stats] or None; [scored] |w|; the unit embeddings' gradient
-    [Bg, D] per unit upstream gradient (None unless ``need_e``); the weight's gradient per unit
-    upstream gradient, shaped as the weight (None unless ``need_w``)."""
+    [Bg, D] per unit upstream gradient (None unless ``need_e``); the scored rows' gradient
+    [scored, D] per unit upstream gradient, in the working dtype (None unless ``need_w``; a sum
+    over the rows, so up to Bg times the gradient of a mean loss: :func:`_weight_grad_of_rows`
+    scales it before it takes the weight's dtype, which an fp16 weight could not hold)."""
     rows, work, gemm, device = e_unit.shape[0], blocks.work, blocks.gemm, e_unit.device
     count = blocks.count
     w_raw = blocks.raw_rows(slice(0, count))
@@ -431,17 +434,22 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
             grad_unit[start:stop] = _matmul(out, w_gemm, work) * row_scale[:, None]
     loss, row_max, sum_exp, target_coef, stats = (
         torch.cat(parts) if parts[0] is not None else None for parts in zip(*outs))
-    grad_weight = None
     if need_w and x is None:  # no classes on this rank
-        grad_weight = torch.zeros_like(blocks.weight)
+        x = torch.zeros(count, e_unit.shape[1], dtype=work, device=device)
     elif need_w:
         tiles.project_weight_grad_(x, w_raw, inv_norm, (w_norm >= NORM_EPS).to(work))
-        if blocks.row_index is None:
-            grad_weight = x.to(blocks.weight.dtype)
-        else:
-            grad_weight = torch.zeros_like(blocks.weight)
-            grad_weight.index_copy_(0, blocks.row_index, x.to(grad_weight.dtype))
-    return loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, grad_weight
+    return loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit, x
+
+
+def _weight_grad_of_rows(grad_rows, weight, row_index, factor):
+    """The weight's gradient from the scored rows' gradient ``grad_rows`` [scored, D] (working
+    dtype; scaled in place by ``factor``, a [1] tensor), in the weight's dtype and shape: the
+    rows ``row_index`` (every row when None) take it, the others are zero."""
+    grad_rows.mul_(factor)
+    if row_index is None:
+        return grad_rows.to(weight.dtype)
+    grad_weight = torch.zeros_like(weight)
+    return grad_weight.index_copy_(0, row_index, grad_rows.to(weight.dtype))
 
 
 class _ChunkedMarginLoss(torch.autograd.Function):
@@ -471,9 +479,9 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             need_e = grad_enabled and ctx.needs_input_grad[0]
             need_w = grad_enabled and ctx.needs_input_grad[1]
             (loss, row_max, sum_exp, target_coef, stats, w_norm, grad_unit,
-             grad_weight) = _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index,
-                                       prep, local_target, raw_target, chunk_rows, need_e, need_w)
-            ctx.precomputed = (grad_unit, grad_weight)
+             grad_rows) = _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index,
+                                     prep, local_target, raw_target, chunk_rows, need_e, need_w)
+            ctx.precomputed = (grad_unit, grad_rows)
         else:
             # 2. One sweep over class blocks: negative statistics and the running max / sum-exp
             #    of the negative logits (kept as max and a sum relative to it, not as a log:
@@ -508,16 +516,16 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         grad_loss = grad_loss.to(work)
         grad_unit = grad_weight = None
         if ctx.precomputed is not None:
-            grad_unit, grad_weight = ctx.precomputed
+            grad_unit, grad_rows = ctx.precomputed
             ctx.precomputed = None
             if grad_unit is not None:
                 grad_unit.mul_(grad_loss[:, None])
-            if grad_weight is not None:
+            if grad_rows is not None:
                 uniform = grad_loss[:1]
                 if bool((grad_loss == uniform).all()):
-                    grad_weight.mul_(uniform.to(grad_weight.dtype))
+                    grad_weight = _weight_grad_of_rows(grad_rows, weight, blocks.row_index,
+                                                       uniform)
                 else:  # a weighted loss: form the weight's gradient again, row factors known
-                    grad_weight = None
                     need_e = False
                     need_w = True
             need_redo = grad_weight is None and ctx.needs_input_grad[1]
@@ -543,7 +551,9 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         grad_embeddings = None
         if grad_unit is not None and ctx.needs_input_grad[0]:
             grad_embeddings = _normalize_backward(grad_unit, e_unit, e_norm).to(ctx.embedding_dtype)
-        ctx.blocks = ctx.prep = ctx.tiles = None
+        # The context stays for a retained graph's next backward (which forms the gradients
+        # again); the weight is back in saved_tensors then, so the blocks let go of it.
+        blocks.weight = blocks.row_index = None
         return (grad_embeddings, grad_weight, None, None, None, None, None, None, None, None,
                 None, None)
 
@@ -552,8 +562,9 @@ def plan_chunk_rows(sweep: str, fused: bool, rows: int, scored: int, device,
                     chunk_rows: Optional[int] = None) -> int:
     """Rows per chunk of the row sweep for ``sweep`` (see :func:`chunked_margin_loss`), or 0 for
     the class sweep: ``fused`` whether every rank has fused tiles, ``rows`` the global batch,
-    ``scored`` the most classes any rank scores."""
-    if sweep == "classes" or (sweep == "auto" and not fused):
+    ``scored`` the most classes any rank scores. An empty batch (``rows`` 0) takes the class
+    sweep whatever ``sweep`` says: the row sweep has no chunk to walk."""
+    if sweep == "classes" or (sweep == "auto" and not fused) or rows == 0:
         return 0
     if chunk_rows is not None:
         return min(chunk_rows, rows)

@@ -19,6 +19,11 @@ import torch
 from torch import nn
 
 
+# Parameter dtypes whose dense SGD update may run as torch's fused kernel (see
+# RowSparseSGD._fused_dense_update).
+FUSED_SGD_DTYPES = (torch.float32, torch.float64)
+
+
 class RowSparseOptimizer(torch.optim.Optimizer):
     """Base class: resolves which rows a step updates and keeps the per-row state consistent.
 
@@ -167,10 +172,15 @@ class RowSparseSGD(RowSparseOptimizer):
         the same arithmetic as its single-tensor path, bit for bit, without the [rows x D]
         temporaries: 12 against 95 ms for a 100K x 512 fp32 shard on 2 CPU threads). False when
         this torch or device has no such kernel, or when some rows have a momentum buffer and
-        others not (their first update copies the gradient), which the kernel cannot express."""
+        others not (their first update copies the gradient), which the kernel cannot express.
+        Also False unless ``FUSED_SGD_DTYPES`` holds the dtype (bf16/fp16: the kernel rounds
+        differently from the single-tensor path, and torch 2.13's CPU kernel leaves elements
+        past its first vector unchanged) and every tensor is contiguous (it walks raw memory:
+        a gradient with other strides than the weight would update the wrong elements)."""
         fused_sgd = getattr(torch, "_fused_sgd_", None)
         momentum = group["momentum"]
-        if fused_sgd is None or param.grad.dtype != param.dtype:
+        if (fused_sgd is None or param.dtype not in FUSED_SGD_DTYPES
+                or param.grad.dtype != param.dtype):
             return False
         state = self._row_state(param)
         buffers, first = [], False
@@ -180,6 +190,8 @@ class RowSparseSGD(RowSparseOptimizer):
             if not first and bool(fresh.any()):
                 return False
             buffers = [state["momentum_buffer"]]
+        if not all(t.is_contiguous() for t in [param, param.grad, *buffers]):
+            return False
         try:
             fused_sgd([param], [param.grad], buffers, weight_decay=group["weight_decay"],
                       momentum=momentum, lr=group["lr"], dampening=group["dampening"],

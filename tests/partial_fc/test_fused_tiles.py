@@ -32,7 +32,25 @@ HEADS = {
     "mv_am_fixed": lambda: npc_head.MVSoftmax(s=32.0, m=0.35, t=1.3, arc=False, fixed=True),
     "curricularface": lambda: _curricular(),
     "autograd_slope": lambda: HardSquareHead(s=20.0),
+    "stats_without_sums": lambda: HardCountHead(s=20.0),
 }
+
+
+class HardCountHead(npc_head.MarginHead):
+    """A head with statistics written to the protocol before ``negative_sums``: it overrides
+    ``negative_stats`` only (its hard-negative count widens the positive margin)."""
+
+    num_stats = 1
+
+    def prepare(self, target_cos):
+        return {"tau": target_cos.detach() - 0.1}
+
+    @torch.no_grad()
+    def negative_stats(self, cos, prep):
+        return (cos > prep["tau"][:, None]).sum(dim=1, dtype=torch.float64)[:, None]
+
+    def positive_logit(self, target_cos, prep, stats):
+        return target_cos - 0.05 * torch.log1p(stats[:, 0].to(target_cos.dtype))
 
 
 def _curricular():
@@ -340,3 +358,86 @@ def test_head_fused_and_sweep_keys_are_validated_and_reach_the_classifier():
     with pytest.raises(ConfigError, match=r"head\.sweep must be one of \('auto', 'rows', "
                                           r"'classes'\), got 'diagonal'"):
         validate_config(bad_sweep)
+
+
+def _backward_twice(fn, head, weight, emb, target_index, **kw):
+    """Gradients after ``loss.backward(retain_graph=True)`` and a second backward of a
+    differently scaled loss, then ``torch.autograd.grad`` of the weight alone, all through the
+    one forward."""
+    w = weight.clone().requires_grad_(True)
+    e = emb.clone().requires_grad_(True)
+    loss, _ = fn(head, e, w, target_index, **kw)
+    loss.mean().backward(retain_graph=True)
+    (3.0 * loss.mean()).backward(retain_graph=True)
+    (again,) = torch.autograd.grad(loss.sum(), w)
+    return e.grad, w.grad, again
+
+
+@pytest.mark.parametrize("case", [dict(sweep="classes", block_size=7),
+                                  dict(sweep="rows", chunk_rows=5)], ids=str)
+def test_a_retained_graph_gives_every_backward_the_reference_gradients(case):
+    """retain_graph=True: each backward through the same forward gives the reference path's
+    gradients (the row sweep's precomputed gradients serve the first; later ones are formed
+    again), not an AttributeError of a context cleared by the first."""
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    want = _backward_twice(reference_margin_loss, HEADS["npcface"](), weight, emb, labels)
+    head = HEADS["npcface"]()
+    got = _backward_twice(chunked_margin_loss, head, weight, emb, labels,
+                          tiles=FusedTiles(head, compile=False), **case)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max())
+
+
+def test_a_second_backward_without_a_retained_graph_is_torch_s_error():
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    head = HEADS["npcface"]()
+    loss, _ = chunked_margin_loss(head, emb, weight.clone().requires_grad_(True), labels,
+                                  tiles=FusedTiles(head, compile=False), sweep="rows")
+    loss.mean().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.mean().backward()
+
+
+@pytest.mark.parametrize("case", [dict(sweep="auto"), dict(sweep="rows"),
+                                  dict(sweep="rows", chunk_rows=4)], ids=str)
+def test_an_empty_global_batch_gives_what_the_reference_path_gives(case):
+    """No rows at all (the class sweep and the reference path return an empty loss and zero
+    gradients; the row sweep had no chunk to take its results from)."""
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    want = _losses(reference_margin_loss, HEADS["npcface"](), weight, emb[:0], labels[:0])
+    got = _fused(chunked_margin_loss, HEADS["npcface"](), weight, emb[:0], labels[:0], **case)
+    for g, w in zip(got[:3], want[:3]):
+        assert torch.equal(g, w)
+    assert got[3].keys() == want[3].keys()
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("sweep", ["rows", "classes"])
+def test_fp16_weight_rows_of_small_norm_get_their_finite_gradient(sweep, sampled):
+    """fp16 class rows of norm 0.01, 512 rows on three labels: the gradient (about 150) is
+    fp16-finite, but the row sweep's sum over rows per unit upstream gradient (512 times that)
+    is not: it must stay in the working dtype until backward scales it."""
+    weight, emb, labels = make_problem(20, 16, 512, seed=2)
+    labels = labels % 3
+    weight = (weight * (0.01 / weight.norm(dim=1, keepdim=True))).half()
+    index = torch.tensor([0, 1, 2, 5, 8, 13, 19]) if sampled else None
+    rows = weight.double()[index] if sampled else weight.double()
+    want = _losses(reference_margin_loss, HEADS["npcface"](), rows, emb, labels)[2]
+    if sampled:
+        want = torch.zeros_like(weight, dtype=torch.float64).index_copy_(0, index, want)
+    head = HEADS["npcface"]()
+    got = _losses(chunked_margin_loss, head, weight, emb.float(), labels, row_index=index,
+                  tiles=FusedTiles(head, compile=False), sweep=sweep)[2]
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max())
+
+
+def test_a_head_with_statistics_but_no_sums_is_refused_by_name():
+    class NoSums(HardCountHead):
+        negative_stats = npc_head.MarginHead.negative_stats
+
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    for case in ({}, dict(tiles=FusedTiles(NoSums(s=20.0), compile=False))):
+        head = case["tiles"].head if case else NoSums(s=20.0)
+        with pytest.raises(NotImplementedError, match="NoSums has num_stats=1"):
+            chunked_margin_loss(head, emb, weight, labels, **case)

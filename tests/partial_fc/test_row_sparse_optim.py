@@ -247,3 +247,40 @@ def test_gradient_accumulation_updates_the_union_of_sampled_rows():
     with torch.no_grad():
         module(*batches[0])
     assert module.rows_to_update() is None and module._pending_rows == []
+
+
+def _dense_steps(optimizer_cls, dtype, settings, grad_layout=lambda g: g, steps=3):
+    """A [60 x 8] weight (no sampling: every row updated) after ``steps`` updates from fixed
+    gradients, each set by hand in the layout ``grad_layout`` gives it."""
+    module = torch.nn.Linear(D, C, bias=False).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(C, D, generator=torch.Generator().manual_seed(3)))
+    if optimizer_cls is RowSparseSGD:
+        optimizer = RowSparseSGD(module, lr=0.3, **settings)
+    else:  # the single-tensor path, the one the docstrings promise bit for bit
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.3, foreach=False, **settings)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        module.weight.grad = grad_layout(torch.randn(C, D, generator=gen).to(dtype))
+        optimizer.step()
+    return module.weight.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("settings", SGD_SETTINGS)
+def test_sgd_dense_update_of_low_precision_rows_is_torch_sgd(settings, dtype):
+    """bf16/fp16 classifier rows: every element updated as torch.optim.SGD does (the CPU fused
+    SGD kernel of torch 2.13 skipped elements of such tensors past its first vector)."""
+    ours = _dense_steps(RowSparseSGD, dtype, settings)
+    theirs = _dense_steps(torch.optim.SGD, dtype, settings)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("settings", SGD_SETTINGS)
+def test_sgd_dense_update_with_a_gradient_in_another_layout_is_torch_sgd(settings):
+    """A gradient set by hand with other strides than the weight (column-major here) updates
+    each element from its own gradient (the fused kernel walks raw memory)."""
+    column_major = lambda g: g.t().contiguous().t()  # noqa: E731
+    ours = _dense_steps(RowSparseSGD, torch.float32, settings, column_major)
+    theirs = _dense_steps(torch.optim.SGD, torch.float32, settings, column_major)
+    assert torch.equal(ours, theirs)
