@@ -388,8 +388,10 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
     w_norm = w_raw.norm(dim=1)
     inv_norm = 1.0 / w_norm.clamp_min(NORM_EPS)
     w_gemm = w_raw if gemm == work else w_raw.to(gemm)
-    buffer = torch.empty(min(chunk_rows, rows) * count, dtype=work, device=device)
-    grad_buffer = buffer if gemm == work else torch.empty_like(buffer, dtype=gemm)
+    # One tile buffer, overwritten in place by the gradient tile. With low-precision GEMMs the
+    # product comes back as a fresh working-dtype tile, so only the gradient tile is kept.
+    grad_buffer = torch.empty(min(chunk_rows, rows) * count, dtype=gemm, device=device)
+    buffer = grad_buffer if gemm == work else None
     grad_unit = None  # every chunk writes its rows; a rank without classes contributes zero
     if need_e:
         grad_unit = (torch.empty_like if count else torch.zeros_like)(e_unit)
@@ -402,7 +404,8 @@ def _row_sweep(tiles, head, blocks, group, e_unit, e_gemm, target_index, prep, l
         chunk_prep = {k: v[start:stop] for k, v in prep.items()}
         cols = target_index[start:stop]
         if count:
-            raw = _matmul(e_gemm[start:stop], w_gemm.t(), work, out=buffer[: r * count].view(r, count))
+            tile = None if buffer is None else buffer[: r * count].view(r, count)
+            raw = _matmul(e_gemm[start:stop], w_gemm.t(), work, out=tile)
             neg_max, neg_sum, sums = tiles.forward(
                 raw, inv_norm, cols, chunk_prep,
                 torch.full((r,), -math.inf, dtype=work, device=device),
