@@ -64,6 +64,12 @@ def select_rows(prep: Prep, rows: torch.Tensor) -> Prep:
     return {k: v[rows] for k, v in prep.items()}
 
 
+def stack_sums(sums) -> Optional[torch.Tensor]:
+    """Per-row sums (a tuple of [rows] tensors, as ``negative_sums`` returns) as the protocol's
+    [rows, num_stats] float64 statistics; None for an empty tuple."""
+    return torch.stack([x.to(torch.float64) for x in sums], dim=1) if sums else None
+
+
 class MarginHead(nn.Module):
     """Base class of margin heads; see the module docstring for the protocol."""
 
@@ -96,7 +102,7 @@ class MarginHead(nn.Module):
         if not self.num_stats:
             return None
         with torch.no_grad():
-            return torch.stack([x.to(torch.float64) for x in self.negative_sums(cos, prep)], dim=1)
+            return stack_sums(self.negative_sums(cos, prep))
 
     def negative_logits(self, cos: torch.Tensor, prep: Prep) -> torch.Tensor:
         return cos

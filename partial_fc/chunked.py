@@ -29,10 +29,10 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from npc_head.base import select_rows
+from npc_head.base import select_rows, stack_sums
 
 from .distributed import all_reduce
-from .fused_tiles import FusedTiles, stack_sums
+from .fused_tiles import FusedTiles
 from .reference import LOW_PRECISION, compute_dtype, gather_target_cosines
 
 # F.normalize's default floor on the norm; the chunked path reproduces it exactly.
@@ -518,38 +518,32 @@ class _ChunkedMarginLoss(torch.autograd.Function):
         need_e, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_loss = grad_loss.to(work)
         grad_unit = grad_weight = None
-        if ctx.precomputed is not None:
+        if ctx.precomputed is not None:  # the row sweep's, per unit upstream gradient
             grad_unit, grad_rows = ctx.precomputed
             ctx.precomputed = None
             if grad_unit is not None:
                 grad_unit.mul_(grad_loss[:, None])
-            if grad_rows is not None:
-                uniform = grad_loss[:1]
-                if bool((grad_loss == uniform).all()):
-                    grad_weight = _weight_grad_of_rows(grad_rows, weight, blocks.row_index,
-                                                       uniform)
-                else:  # a weighted loss: form the weight's gradient again, row factors known
-                    need_e = False
-                    need_w = True
-            need_redo = grad_weight is None and ctx.needs_input_grad[1]
-        else:
-            need_redo = need_e or need_w
-        if need_redo:
+            uniform = grad_loss[:1]
+            # A weighted loss (row factors differ) leaves the weight's gradient to the class sweep.
+            if grad_rows is not None and bool((grad_loss == uniform).all()):
+                grad_weight = _weight_grad_of_rows(grad_rows, weight, blocks.row_index, uniform)
+        redo_e, redo_w = need_e and grad_unit is None, need_w and grad_weight is None
+        if redo_e or redo_w:
             # d loss / d cos_ik = row_scale_i * P_ik with P = exp(s N(c_ik) - row_max_i) N'(c_ik)
             # from the head: the per-row factor (upstream gradient, s, 1 / sum-exp) is applied
             # to the [rows x D] operands and results, never to the tile.
             row_scale = grad_loss * head.scale / sum_exp
             e_gemm = e_unit.to(gemm)
-            e_scaled = (e_unit * row_scale[:, None]).to(gemm) if need_w else None
-            if need_e:
+            e_scaled = (e_unit * row_scale[:, None]).to(gemm) if redo_w else None
+            if redo_e:
                 grad_unit = torch.zeros_like(e_unit)
-            if need_w:  # every row is written unless only the rows of row_index are scored
+            if redo_w:  # every row is written unless only the rows of row_index are scored
                 grad_weight = (torch.zeros_like if ctx.has_row_index else torch.empty_like)(weight)
             sweep = _eager_backward_sweep if ctx.tiles is None else partial(_fused_backward_sweep,
                                                                               ctx.tiles)
             sweep(head, blocks, prep, e_gemm, e_scaled, w_norm, row_max, target_coef,
-                  grad_unit if need_e else None, grad_weight if need_w else None)
-            if need_e:
+                  grad_unit if redo_e else None, grad_weight if redo_w else None)
+            if redo_e:
                 grad_unit.mul_(row_scale[:, None])
         grad_embeddings = None
         if grad_unit is not None and ctx.needs_input_grad[0]:

@@ -59,7 +59,7 @@ def forward_tile(head, raw, inv_norm, target_col, prep, run_max, run_sum):
     Returns ``(new_max, new_sum, sums)``: the merged [R] running values (the sum relative to
     ``new_max``, or to 0 while a row has seen no finite logit) and the head's ``num_stats``
     per-row sums over this tile's negatives (a tuple of [R] tensors in the tile's dtype, empty
-    for heads without statistics; :func:`stack_sums` makes them the classifier's float64
+    for heads without statistics; :func:`npc_head.base.stack_sums` makes them the classifier's float64
     [R, num_stats]). They stay unstacked here: a stack of reductions would split the compiled
     pass into several loops over the tile.
     """
@@ -78,11 +78,6 @@ def forward_tile(head, raw, inv_norm, target_col, prep, run_max, run_sum):
         own = head.negative_sums(target_val, prep)
         sums = tuple(a - b * has_target for a, b in zip(head.negative_sums(cos, prep), own))
     return new_max, new_sum, sums
-
-
-def stack_sums(sums) -> Optional[torch.Tensor]:
-    """The per-row sums of :func:`forward_tile` as [R, num_stats] float64 (None if empty)."""
-    return torch.stack([x.to(torch.float64) for x in sums], dim=1) if sums else None
 
 
 def backward_tile(head, raw, inv_norm, target_col, target_coef, prep, row_max, out):

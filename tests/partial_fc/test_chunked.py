@@ -6,6 +6,7 @@ import npc_head
 import partial_fc
 from npc_head.base import MarginHead
 from partial_fc.chunked import chunked_margin_loss, default_block_size
+from partial_fc.fused_tiles import FusedTiles
 from partial_fc.reference import reference_margin_loss
 
 from tests.helpers.dist_harness import run_workers
@@ -259,15 +260,24 @@ DIST_CASES = [
 BATCHES = {1: [11], 2: [7, 4], 3: [5, 3, 7]}
 
 
-def _chunked_worker(rank, world_size):
-    sizes = BATCHES[world_size]
+def run_cases_on_rank(rank, world_size, cases=DIST_CASES, batches=BATCHES, fused_tiles=False,
+                      **module_kw):
+    """On one gloo rank: each case's PartialFC (float64, chunked, this rank's shard of the case's
+    weight) on this rank's slice of the global batch, one training step; ``fused_tiles`` gives
+    the module the fused tile functions run eagerly. Returns per case the loss, the gradients,
+    the shard start, the scored classes and the diagnostics, for
+    :func:`assert_ranks_match_reference`."""
+    sizes = batches[world_size]
     lo = sum(sizes[:rank])
     results = []
-    for kind, params, C, D, rate, seed, block in DIST_CASES:
+    for kind, params, C, D, rate, seed, block in cases:
         weight, emb, labels = make_problem(C, D, sum(sizes), seed)
         start, count = partial_fc.shard_range(C, world_size, rank)
         module = partial_fc.PartialFC(make_head(kind, params), D, C, sample_rate=rate, seed=seed,
-                                      impl="chunked", block_size=block).double()
+                                      impl="chunked", block_size=block, **module_kw).double()
+        if fused_tiles:
+            module._tiles = FusedTiles(module.head, compile=False)
+            module.fused = True
         with torch.no_grad():
             module.weight.copy_(weight[start : start + count])
         e = emb[lo : lo + sizes[rank]].clone().requires_grad_(True)
@@ -277,6 +287,10 @@ def _chunked_worker(rank, world_size):
                             start=start, sampled=module.sampled_index + start,
                             stats=module.last_stats))
     return results
+
+
+def _chunked_worker(rank, world_size):
+    return run_cases_on_rank(rank, world_size)
 
 
 def assert_ranks_match_reference(results, world_size, cases=DIST_CASES, batches=BATCHES):

@@ -21,7 +21,8 @@ from partial_fc.reference import reference_margin_loss
 from tests.helpers.dist_harness import run_workers
 from tests.helpers.margin_reference import make_head, make_problem
 from tests.partial_fc.test_chunked import (ARC, COS, NPC_DEFAULT, NPC_OTHER, HardSquareHead,
-                                           _assert_same, _losses, assert_ranks_match_reference)
+                                           _assert_same, _losses, assert_ranks_match_reference,
+                                           run_cases_on_rank)
 
 HEADS = {
     "npcface": lambda: make_head("npcface", NPC_DEFAULT),
@@ -266,25 +267,8 @@ DIST_CASES = [("npcface", NPC_OTHER, 41, 8, 0.4, 4, 3), ("arcface", ARC, 37, 16,
 
 
 def _fused_worker(rank, world_size, sweep, unfused_rank=None):
-    sizes = BATCHES[world_size]
-    lo = sum(sizes[:rank])
-    results = []
-    for kind, params, C, D, rate, seed, block in DIST_CASES:
-        weight, emb, labels = make_problem(C, D, sum(sizes), seed)
-        start, count = partial_fc.shard_range(C, world_size, rank)
-        module = partial_fc.PartialFC(make_head(kind, params), D, C, sample_rate=rate, seed=seed,
-                                      impl="chunked", block_size=block, sweep=sweep).double()
-        if rank != unfused_rank:
-            module._tiles = FusedTiles(module.head, compile=False)
-            module.fused = True
-        with torch.no_grad():
-            module.weight.copy_(weight[start : start + count])
-        e = emb[lo : lo + sizes[rank]].clone().requires_grad_(True)
-        loss = module(e, labels[lo : lo + sizes[rank]])
-        loss.backward()
-        results.append(dict(loss=loss.detach(), emb_grad=e.grad, weight_grad=module.weight.grad,
-                            start=start, sampled=module.sampled_index + start))
-    return results
+    return run_cases_on_rank(rank, world_size, DIST_CASES, BATCHES,
+                             fused_tiles=rank != unfused_rank, sweep=sweep)
 
 
 @pytest.mark.parametrize("sweep", ["auto", "classes"])
