@@ -50,8 +50,9 @@ DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 # Its budget per device type, and the fewest rows a chunk may have: thin chunks make thin GEMMs
 # and re-read the weight gradient (accumulated over the chunks, one read and write of
 # [classes x D] each). On 2 CPU cores at 100K classes, D 512, the three GEMMs of a step in chunks
-# of 32 / 64 / 128 / 256 / 512 rows took 2.2 / 1.65 / 1.19 / 1.27 / 0.99x the class-block
-# floor (bench/RESULTS.md), where the class sweep's four GEMMs are 1.33x: 128 rows at least.
+# of 32 / 64 / 128 / 256 / 512 rows took 2.2-2.5 / 1.4-1.65 / 1.2-1.3 / 1.2-1.3 / 1.0-1.1x the
+# class-block floor (bench/row_chunks.py, bench/RESULTS.md), where the class sweep's four GEMMs
+# are 1.33x: 128 rows at least.
 # A GPU (about 200 flops per byte of memory traffic) hides the re-read only behind one chunk of
 # the whole batch.
 ROW_TILE_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 26}
