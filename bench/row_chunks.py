@@ -65,8 +65,8 @@ def main(argv=None):
         floor = best_ms(lambda: gemm_floor(e, w, args.classes, block, torch.float32), args.iters)
         sweep = best_ms(lambda: row_gemms(e, w, rows), args.iters)
         print(json.dumps({"bench": "row_chunks", "rows_per_chunk": rows, "classes": args.classes,
-                          "batch": args.batch, "dim": args.dim, "floor_ms": round(floor, 1),
-                          "rows_ms": round(sweep, 1), "ratio": round(sweep / floor, 3),
+                          "batch": args.batch, "dim": args.dim, "floor_ms": round(floor, 3),
+                          "rows_ms": round(sweep, 3), "ratio": round(sweep / floor, 3),
                           "threads": torch.get_num_threads()}), flush=True)
 
 

@@ -16,4 +16,4 @@ def test_row_chunks_prints_a_ratio_per_chunk_size():
     assert [r["rows_per_chunk"] for r in records] == [7, 40]
     for r in records:
         assert r["floor_ms"] > 0 and r["rows_ms"] > 0
-        assert abs(r["ratio"] - r["rows_ms"] / r["floor_ms"]) < 0.01
+        assert abs(r["ratio"] - r["rows_ms"] / r["floor_ms"]) <= 0.05 * r["ratio"]
