@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -25,7 +26,7 @@ import torch
 from partial_fc.train import checkpoint as ckpt
 
 from tests.helpers.e2e import TINY_DATA, losses_by_step, metrics, run_train
-from tests.helpers.slurm_harness import SLURM_DIR, free_port, launcher_env
+from tests.helpers.slurm_harness import REPO, SLURM_DIR, free_port, launcher_env
 
 STEPS = 60
 COMMON = [*TINY_DATA, "trainer.log_every=1", "trainer.val_every=0", "data.val_bins=[]",
@@ -168,3 +169,40 @@ def test_a_node_that_arrives_is_admitted_at_a_restart_and_with_sigterm_as_stop_s
     direct = _direct_resume(tmp_path, 2, Path(resumed), steps, "trainer.stop_signal=SIGTERM")
     last = ckpt.step_dir_name(steps)
     _assert_equal(_state(run_dir / "checkpoints" / last), _state(direct / "checkpoints" / last))
+
+
+def test_an_elastic_node_command_restarts_and_does_not_share_the_rendezvous_store():
+    env = launcher_env(dict(PFC_DRY_RUN="1", PFC_RDZV_HOST="h", PFC_NNODES="2:4", PFC_LAST_CALL_TIMEOUT="5"))
+    out = subprocess.run(["bash", str(SLURM_DIR / "torchrun_cmd.sh")], env=env, capture_output=True, text=True,
+                         timeout=30, check=True)
+    argv = shlex.split(out.stdout)
+    assert argv[:2] == ["env", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"]
+    flags = dict(a.split("=", 1) for a in argv if a.startswith("--"))
+    assert flags["--nnodes"] == "2:4" and flags["--max-restarts"] == "3"
+    assert flags["--rdzv-conf"].split(",")[1:] == ["join_timeout=900", "last_call_timeout=5"]
+    fixed = launcher_env(dict(PFC_DRY_RUN="1", PFC_RDZV_HOST="h", PFC_NNODES="2"))
+    argv = shlex.split(subprocess.run(["bash", str(SLURM_DIR / "torchrun_cmd.sh")], env=fixed, capture_output=True,
+                                      text=True, timeout=30, check=True).stdout)
+    assert argv[0] != "env" and "--max-restarts=0" in argv
+
+
+def test_an_elastic_batch_job_starts_an_agent_on_every_node_and_survives_a_node_failure(tmp_path):
+    """train.sbatch with PFC_NNODES=1:2: srun gets the largest node count and --no-kill (one
+    failing node does not end the step) instead of --kill-on-bad-exit=1."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    (bin_dir / "srun").chmod(0o755)
+    calls = {}
+    for nnodes in ("1:2", "2"):
+        env = launcher_env(dict(PFC_NNODES=nnodes, PFC_RDZV_HOST="127.0.0.1", SLURM_JOB_ID="77",
+                                SLURM_SUBMIT_DIR=str(REPO), SRUN_ARGS=str(tmp_path / f"srun-{nnodes}"),
+                                PFC_STOP_FILE=str(tmp_path / "stop")))
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+        subprocess.run(["bash", str(SLURM_DIR / "train.sbatch")], env=env, capture_output=True, text=True,
+                       timeout=60, check=True)
+        calls[nnodes] = (tmp_path / f"srun-{nnodes}").read_text().splitlines()
+    elastic, fixed = calls["1:2"], calls["2"]
+    assert "--nodes=2" in elastic and "--ntasks=2" in elastic
+    assert "--no-kill" in elastic and "--kill-on-bad-exit=0" in elastic and "--kill-on-bad-exit=1" not in elastic
+    assert "--nodes=2" in fixed and "--kill-on-bad-exit=1" in fixed and "--no-kill" not in fixed
