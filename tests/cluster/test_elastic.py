@@ -6,7 +6,8 @@ A node killed (agent and workers) after a checkpoint: the other restarts alone, 
 2 ranks to 1 and finishes from the newest complete checkpoint, bit for bit as a direct 1-rank resume
 from it. A node that arrives while one trains: it is admitted at a restart of the running one
 (with ``trainer.stop_signal=SIGTERM`` that restart checkpoints the step in progress first), the
-two finish on 2 ranks, bit for bit as a direct 2-rank resume. Every run is bounded in time.
+two finish on 2 ranks, bit for bit as a direct 2-rank resume. The node that hosts the rendezvous
+store cannot be lost: the others end at once, and a rerun resumes. Every run is bounded in time.
 """
 from __future__ import annotations
 
@@ -139,6 +140,23 @@ def test_a_node_killed_after_a_checkpoint_leaves_the_other_to_finish_alone_exact
     _assert_equal(_state(run_dir / "checkpoints" / last), _state(direct / "checkpoints" / last))
     elastic_losses = losses_by_step(run_dir)
     assert {s: elastic_losses[s] for s in losses_by_step(direct)} == losses_by_step(direct)
+
+
+def test_the_node_hosting_the_rendezvous_cannot_be_lost_the_others_end_at_once_and_a_rerun_resumes(
+        tmp_path, agents):
+    run_dir = tmp_path / "run"
+    overrides = [f"hydra.run.dir={run_dir}", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every=10"]
+    port = free_port()
+    agents.append(Agent(tmp_path, 0, port, overrides))
+    agents.append(Agent(tmp_path, 1, port, overrides))
+    _wait_for(lambda: (run_dir / "checkpoints" / "latest").exists(), 150, "the first checkpoint")
+    agents[0].kill_node()
+    start = time.monotonic()
+    assert agents[1].wait(start + 120) == 1
+    assert time.monotonic() - start < 60  # not the join timeout: the store is gone
+    assert "RendezvousConnectionError: The connection to the C10d store has failed" in agents[1].output
+    latest = ckpt.find_latest(run_dir / "checkpoints")
+    assert latest is not None  # what a rerun (trainer.resume=auto, the batch job's requeue) starts from
 
 
 @pytest.mark.slow
