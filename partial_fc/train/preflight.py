@@ -27,7 +27,6 @@ from torch import nn
 
 from ..classifier import PartialFC
 from ..reference import compute_dtype
-from ..sharding import shard_range
 from . import network
 
 log = logging.getLogger(__name__)

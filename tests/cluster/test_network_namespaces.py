@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.e2e import TINY_DATA
+from tests.helpers.e2e import TINY_DATA, wait_agents
 from tests.helpers.slurm_harness import SLURM_DIR, free_port, launcher_env
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None,
@@ -66,7 +66,7 @@ def _run_two_hosts(tmp_path: Path, namespace: str, links, overrides, gloo_ifname
     """Node 0 here, node 1 in ``namespace`` as host ``nodeb``; returns [(returncode, output)]."""
     port = free_port()
     rdzv = links[0][1]
-    procs = []
+    procs, logs = [], []
     for node in (0, 1):
         interface, address = links[node]
         env = launcher_env(dict(PFC_RDZV_HOST=rdzv, PFC_RDZV_PORT=str(port), PFC_RDZV_ID="hosts",
@@ -80,21 +80,10 @@ def _run_two_hosts(tmp_path: Path, namespace: str, links, overrides, gloo_ifname
         if node == 1:
             command = ["ip", "netns", "exec", namespace, "unshare", "--uts", "sh", "-c",
                        'hostname nodeb && exec "$@"', "node1", *command]
-        log = open(tmp_path / f"node{node}.log", "w+")
-        procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True), log))
-    results = []
-    deadline = time.monotonic() + 180
-    for proc, log in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.seek(0)
-        results.append((proc.returncode, log.read()))
-        log.close()
-    return results
+        logs.append(open(tmp_path / f"node{node}.log", "w+"))
+        procs.append(subprocess.Popen(command, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return wait_agents(procs, logs, 180)
 
 
 def test_two_hosts_preflight_shows_each_ranks_interface_address_and_link_then_exits_0(tmp_path, second_host):
