@@ -243,7 +243,8 @@ def versions(device: torch.device) -> Dict[str, str]:
         info["device"] = torch.cuda.get_device_name(device)
         info["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
         try:  # the kernel module's version line: "NVRM version: NVIDIA UNIX ... Kernel Module  550.54.15 ..."
-            words = open("/proc/driver/nvidia/version").readline().split()
+            with open("/proc/driver/nvidia/version") as f:
+                words = f.readline().split()
             info["driver"] = words[words.index("Module") + 1] if "Module" in words else "?"
         except OSError:
             info["driver"] = "?"

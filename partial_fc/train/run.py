@@ -59,13 +59,17 @@ def check_agreement(cfg: DictConfig, data, env: DistEnv, device: torch.device) -
 def run_preflight(cfg: DictConfig, run_dir: Path, num_classes: int, env: DistEnv, device: torch.device):
     """Collective: ``trainer.preflight`` unless ``off`` (:mod:`.preflight`); rank 0 logs the table
     and the warnings and writes ``run_dir/preflight.json``. Returns the report (None when off)."""
-    from . import builders
+    from . import builders, process_group
     from .preflight import format_report
 
     if preflight_mode(cfg.trainer.preflight) == "off":
         return None
     group = dist.group.WORLD if env.distributed else None
-    report = builders.build_preflight(cfg, num_classes, device, group, env.rank, env.world_size).run()
+    preflight = builders.build_preflight(cfg, num_classes, device, group, env.rank, env.world_size)
+    timeout_s = float(cfg.trainer.collective_timeout_s)
+    with process_group.named_timeouts(group, lambda err: process_group.timeout_error(
+            err, group, env.rank, env.world_size, 0, "preflight (network measurements)", timeout_s)):
+        report = preflight.run()
     if env.is_main:
         log.info("%s", format_report(report))
         for warning in report.warnings:
