@@ -15,13 +15,13 @@ from partial_fc.data.datasets import BadSampleError, LabelError  # noqa: E402
 from partial_fc.data.image import ImageDecodeError  # noqa: E402
 from partial_fc.data.recordio import DuplicateOffsetError, RecordIOError  # noqa: E402
 from partial_fc.tools.common import INPUT_ERROR_STATUS, error_line  # noqa: E402
-from partial_fc.train import ConfigError, run_training  # noqa: E402
+from partial_fc.train import ConfigError, NetworkInterfaceError, run_training  # noqa: E402
 from partial_fc.train.checkpoint import CheckpointError, IncompleteCheckpointError  # noqa: E402
 
 # A bad config, data set or checkpoint: one line and INPUT_ERROR_STATUS (each worker prints its
 # own). Anything else keeps Hydra's handling (HYDRA_FULL_ERROR=1 for the full traceback).
 INPUT_ERRORS = (ConfigError, CheckpointError, IncompleteCheckpointError, BadSampleError, LabelError,
-                RecordIOError, DuplicateOffsetError, ImageDecodeError)
+                RecordIOError, DuplicateOffsetError, ImageDecodeError, NetworkInterfaceError)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -15,8 +15,9 @@
 #   PFC_NPROC_PER_NODE  workers per node                     [SLURM_GPUS_ON_NODE when > 0, else 1]
 #   PFC_STOP_SIGNAL     the signal that asks the ranks to checkpoint and stop (trainer.stop_signal;
 #                       a trainer.stop_signal=... argument wins; null: none)  [SIGUSR1]
-#   PFC_MAX_RESTARTS    times torchrun restarts a failed worker group       [0]
+#   PFC_MAX_RESTARTS    times torchrun restarts a failed worker group       [0; elastic: 3]
 #   PFC_JOIN_TIMEOUT    seconds the rendezvous waits for all nodes          [900]
+#   PFC_LAST_CALL_TIMEOUT  elastic: seconds it waits past MIN nodes for more  [unset: torch's 30]
 #   PFC_LOCAL_ADDR      address other nodes reach this one by (--local-addr) [unset: its hostname]
 #   PFC_TORCHRUN        the launcher command                                [torchrun]
 #   PFC_DRY_RUN=1       print the command line instead of running it
@@ -66,6 +67,22 @@ esac
 if [[ "$node_rank" == 0 ]]; then is_host=1; else is_host=0; fi
 
 read -r -a launcher <<< "${PFC_TORCHRUN:-torchrun}"
+rdzv_conf="is_host=$is_host,join_timeout=${PFC_JOIN_TIMEOUT:-900}"
+max_restarts="${PFC_MAX_RESTARTS:-0}"
+
+# Elastic membership (PFC_NNODES=MIN:MAX): a node that dies makes the others restart on fewer
+# nodes (counted against PFC_MAX_RESTARTS), a node that arrives is admitted at a restart of the
+# running ones (not counted). By default torch shares the rendezvous store with the workers; a
+# node joining a running job then waits at that restart for a store address the agents that were
+# there never publish again, until join_timeout (torch 2.13), so elastic jobs do not share it.
+if [[ "$nnodes" == *:* ]]; then
+    max_restarts="${PFC_MAX_RESTARTS:-3}"  # a lost node is a failed worker group: the others restart
+    launcher=(env "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}" "${launcher[@]}")
+    if [[ -n "${PFC_LAST_CALL_TIMEOUT:-}" ]]; then
+        rdzv_conf+=",last_call_timeout=$PFC_LAST_CALL_TIMEOUT"
+    fi
+fi
+
 cmd=(
     "${launcher[@]}"
     --nnodes="$nnodes"
@@ -73,8 +90,8 @@ cmd=(
     --rdzv-backend=c10d
     --rdzv-endpoint="$rdzv_host:$rdzv_port"
     --rdzv-id="$rdzv_id"
-    --rdzv-conf="is_host=$is_host,join_timeout=${PFC_JOIN_TIMEOUT:-900}"
-    --max-restarts="${PFC_MAX_RESTARTS:-0}"
+    --rdzv-conf="$rdzv_conf"
+    --max-restarts="$max_restarts"
     --signals-to-handle="$handled"
 )
 if [[ -n "${PFC_LOCAL_ADDR:-}" ]]; then

@@ -21,6 +21,7 @@ from ..optim import OPTIMIZERS
 from ..chunked import SWEEPS
 from ..classifier import IMPLS
 from .data import FORMATS
+from .preflight import MODES as PREFLIGHT_MODES, preflight_mode
 from .trainer import PRECISIONS
 
 # Every name list comes from the registry that builds the objects.
@@ -129,6 +130,7 @@ def validate_config(cfg: DictConfig) -> None:
     _require(cfg, "trainer.collective_timeout_s", lambda v: _number(v) and v > 0, "must be > 0")
     _require(cfg, "trainer.init_timeout_s", lambda v: _number(v) and v > 0, "must be > 0")
     _require(cfg, "trainer.stop_poll_s", lambda v: _number(v) and v >= 0, "must be a number >= 0")
+    _check_preflight(cfg)
     stop_signal = _get(cfg, "trainer.stop_signal")
     catchable = sorted(s.name for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP))
     if stop_signal is not None and stop_signal not in catchable:
@@ -168,3 +170,11 @@ def _check_head_arguments(cfg: DictConfig, name: str) -> None:
         head_class(**kwargs)
     except ValueError as err:  # the head's message starts with the argument's name
         raise ConfigError(f"head.{err}" if str(err).split(" ")[0] in kwargs else f"head ({name}): {err}") from None
+
+
+def _check_preflight(cfg: DictConfig) -> None:
+    """``trainer.preflight`` and its budget and warning thresholds."""
+    _require(cfg, "trainer.preflight", preflight_mode, f"must be one of {PREFLIGHT_MODES}")
+    _require(cfg, "trainer.preflight_budget_s", lambda v: _number(v) and v > 0, "must be > 0 (seconds)")
+    _require(cfg, "trainer.preflight_slow_link", lambda v: _number(v) and 0 <= v <= 1, "must be in [0, 1]")
+    _require(cfg, "trainer.preflight_max_comm_share", lambda v: _number(v) and 0 < v <= 1, "must be in (0, 1]")

@@ -149,8 +149,10 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, names
         return
     init_timeout = timedelta(seconds=float(init_timeout_s if init_timeout_s is not None else timeout_s))
     store = rendezvous_store(env, init_timeout, namespace)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    check_interfaces(store, env, backend, init_timeout, namespace)
     kwargs = dict(
-        backend="nccl" if device.type == "cuda" else "gloo",
+        backend=backend,
         store=store,
         rank=env.rank,
         world_size=env.world_size,
@@ -163,17 +165,37 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: float, names
     except (RuntimeError, TimeoutError) as err:
         if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
             raise
-        raise InitTimeoutError(
-            f"process group: rank {env.rank}/{env.world_size} waited {init_timeout.total_seconds():g}s "
-            f"in rendezvous {namespace!r} at {env.master_addr}:{env.master_port} for the other ranks' "
-            f"{kwargs['backend']} addresses (a rank died or started with another namespace: rdzv id, "
-            f"restart count or multirun job; trainer.init_timeout_s sets the limit). "
-            f"Original error: {str(err).splitlines()[0][:300]}") from err
+        raise addresses_timeout(env, backend, init_timeout, namespace, err) from err
     # From here on the collective timeout applies, to the group and to later store use (new
     # groups); torch has no public setter for an existing group's timeout.
     timeout = timedelta(seconds=float(timeout_s))
     dist.distributed_c10d._set_pg_timeout(timeout)
     store.set_timeout(timeout)
+
+
+def check_interfaces(store, env: DistEnv, backend: str, timeout: timedelta, namespace: str) -> None:
+    """Every rank's network interface exists and other nodes reach its address
+    (:func:`.network.check_network`), before the process group would hang on it; raises
+    :class:`.network.NetworkInterfaceError` on every rank, or :class:`InitTimeoutError` when a
+    rank never gets there."""
+    from .network import check_network
+
+    try:
+        check_network(store, env.rank, env.world_size, env.local_world_size, backend, timeout.total_seconds())
+    except dist.DistStoreError as err:
+        raise addresses_timeout(env, backend, timeout, namespace, err) from err
+
+
+def addresses_timeout(env: DistEnv, backend: str, timeout: timedelta, namespace: str,
+                      err: BaseException) -> InitTimeoutError:
+    """The error of a rank that waited ``timeout`` for the other ranks' addresses (the network
+    check's or the process group's own exchange)."""
+    return InitTimeoutError(
+        f"process group: rank {env.rank}/{env.world_size} waited {timeout.total_seconds():g}s "
+        f"in rendezvous {namespace!r} at {env.master_addr}:{env.master_port} for the other ranks' "
+        f"{backend} addresses (a rank died or started with another namespace: rdzv id, "
+        f"restart count or multirun job; trainer.init_timeout_s sets the limit). "
+        f"Original error: {str(err).splitlines()[0][:300]}")
 
 
 def select_device(requested: str, env: DistEnv) -> torch.device:

@@ -1,4 +1,5 @@
-"""Entry of a training run: validate, set up the job, build (``builders``), train, summarise."""
+"""Entry of a training run: validate, set up the job, measure the network (``trainer.preflight``),
+build (``builders``), train, summarise."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import validate_config
 from .env import DistEnv, detect_env, init_distributed, job_namespace, select_device
+from .preflight import preflight_mode
 
 log = logging.getLogger("partial_fc.train")
 
@@ -54,6 +56,29 @@ def check_agreement(cfg: DictConfig, data, env: DistEnv, device: torch.device) -
     agreement.check_ranks_agree(record, env.rank, env.world_size, device=device)
 
 
+def run_preflight(cfg: DictConfig, run_dir: Path, num_classes: int, env: DistEnv, device: torch.device):
+    """Collective: ``trainer.preflight`` unless ``off`` (:mod:`.preflight`); rank 0 logs the table
+    and the warnings and writes ``run_dir/preflight.json``. Returns the report (None when off)."""
+    from . import builders, process_group
+    from .preflight import format_report
+
+    if preflight_mode(cfg.trainer.preflight) == "off":
+        return None
+    group = dist.group.WORLD if env.distributed else None
+    preflight = builders.build_preflight(cfg, num_classes, device, group, env.rank, env.world_size)
+    timeout_s = float(cfg.trainer.collective_timeout_s)
+    with process_group.named_timeouts(group, lambda err: process_group.timeout_error(
+            err, group, env.rank, env.world_size, 0, "preflight (network measurements)", timeout_s)):
+        report = preflight.run()
+    if env.is_main:
+        log.info("%s", format_report(report))
+        for warning in report.warnings:
+            log.warning("preflight: %s", warning)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "preflight.json").write_text(json.dumps(report.to_dict(), indent=1))
+    return report
+
+
 def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the summary (also on disk).
     ``job_num``: the Hydra multirun job number (part of the rendezvous namespace)."""
@@ -77,6 +102,9 @@ def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
                          init_timeout_s=float(cfg.trainer.init_timeout_s))
         try:
             check_agreement(cfg, data, env, device)  # before anything is written to run_dir
+            report = run_preflight(cfg, run_dir, data.num_classes, env, device)
+            if report is not None and preflight_mode(cfg.trainer.preflight) == "only":
+                return {"preflight": report.to_dict(), "world_size": env.world_size, "launcher": env.launcher}
             _setup_determinism(int(cfg.trainer.seed), bool(cfg.trainer.deterministic), env.rank)
             if env.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)

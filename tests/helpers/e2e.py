@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,3 +50,21 @@ def metrics(run_dir: Path):
 
 def losses_by_step(run_dir: Path):
     return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def wait_agents(procs, logs, timeout: float):
+    """Wait for ``procs`` (each in its own session, writing to the open file of ``logs``) for at
+    most ``timeout`` seconds in all; returns ``[(returncode, output)]``, -9 for one killed at the
+    deadline (with its session)."""
+    deadline = time.monotonic() + timeout
+    results = []
+    for proc, log in zip(procs, logs):
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        results.append((proc.returncode, log.read()))
+        log.close()
+    return results

@@ -12,7 +12,7 @@ from typing import List, Sequence
 import pytest
 
 from tests.helpers.dist_harness import free_port
-from tests.helpers.e2e import REPO, TINY_DATA, TORCHRUN, losses_by_step
+from tests.helpers.e2e import REPO, TINY_DATA, TORCHRUN, losses_by_step, wait_agents
 
 STEPS = 3
 COMMON = [*TINY_DATA, f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.val_every=0",
@@ -41,18 +41,7 @@ def run_nodes(tmp_path: Path, per_node: Sequence[Sequence[str]], nproc: int = 1,
                                       env=_env(tmp_path / "data"), stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
         logs.append(log)
-    deadline = time.monotonic() + timeout
-    results = []
-    for proc, log in zip(procs, logs):
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.seek(0)
-        results.append((proc.returncode, log.read()))
-        log.close()
-    return results
+    return wait_agents(procs, logs, timeout)
 
 
 def node_dir(tmp_path: Path, n: int) -> Path:

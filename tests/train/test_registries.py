@@ -24,7 +24,8 @@ GPU_TRAINER = {
     "channels_last": True, "checkpoint_every": 2000, "clip_grad_norm": 5.0, "collective_timeout_s": 1800,
     "compile": False, "deterministic": False, "device": "cuda", "dump_margins_every": 0, "grad_accum": 1,
     "init_timeout_s": 900, "keep_checkpoints": 3, "log_every": 50, "max_consecutive_skips": 25,
-    "max_steps": 100000, "precision": "bf16", "progress_bar": True, "resume": "auto", "seed": 0,
+    "max_steps": 100000, "precision": "bf16", "preflight": "on", "preflight_budget_s": 5,
+    "preflight_max_comm_share": 0.5, "preflight_slow_link": 0.25, "progress_bar": True, "resume": "auto", "seed": 0,
     "stop_at": None, "stop_file": "${oc.env:PFC_STOP_FILE,null}", "stop_poll_s": 5, "stop_signal": "SIGUSR1",
     "threads": None, "val_batch_size": 256, "val_every": 2000,
 }
