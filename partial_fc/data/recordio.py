@@ -38,6 +38,7 @@ __all__ = [
     "RecordIOWriter",
     "pack",
     "unpack",
+    "first_label",
     "read_idx_file",
 ]
 
@@ -135,6 +136,21 @@ def unpack(record: bytes):
         return IRHeader(flag, labels, fields[2], fields[3]), bytes(record[end:])
     # tuple.__new__ skips the namedtuple's Python-level constructor, half of unpack's time
     return _new_tuple(IRHeader, fields), bytes(record[IR_SIZE:])
+
+
+def first_label(head: bytes) -> float:
+    """The class label of record data that begins with an IRHeader: its label field, or with
+    ``flag > 0`` the first float32 label after it (what ``unpack`` reads, from the first
+    ``IR_SIZE + 4`` bytes). Raises ``ValueError`` when ``head`` is too short for it."""
+    if len(head) < IR_SIZE:
+        raise ValueError(f"record of {len(head)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
+    flag, label = struct.unpack_from("<If", head, 0)
+    if flag == 0:
+        return label
+    if len(head) < IR_SIZE + 4:
+        raise ValueError(f"IRHeader announces {flag} float32 labels but the record has only "
+                         f"{len(head) - IR_SIZE} bytes after the header")
+    return struct.unpack_from("<f", head, IR_SIZE)[0]
 
 
 def _align4(n: int) -> int:
@@ -486,6 +502,19 @@ class RecordIOReader:
                 offset=offset,
             )
         return data
+
+    def read_head(self, key, size: int) -> bytes:
+        """The first ``size`` bytes of record ``key``'s data (all of it when shorter): from its
+        first frame alone when that holds them (a label without its image), else by ``read``."""
+        pos = self._position_or_raise(key)
+        offset, limit = self._index.offset_at[pos], self._index.end_at[pos]
+        if offset + 8 <= limit:
+            magic, lrec = _FRAME.unpack(self._pread(offset, 8))
+            cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+            if magic == MAGIC and offset + 8 + _align4(length) <= limit and (
+                    cflag == 0 or (cflag == 1 and length >= size)):
+                return self._pread(offset + 8, min(length, size))
+        return self.read(key)[:size]
 
     def read_at(self, offset: int) -> bytes:
         """The data of the record whose first frame starts at byte ``offset``."""

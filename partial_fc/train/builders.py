@@ -150,7 +150,7 @@ class PreparedData:
 def prepare_data(data_cfg: DictConfig, is_local_main: bool) -> PreparedData:
     """Find (or generate) the dataset ``data.*`` describes, open it and check
     ``data.num_classes`` and ``data.val_bins``."""
-    from .data import check_num_classes, ensure_synthetic, existing_root, open_dataset, resolve_val_bins
+    from .data import ensure_synthetic, existing_root, open_dataset, resolve_val_bins
 
     fmt = str(data_cfg.format)
     if fmt == "synthetic":
@@ -159,9 +159,9 @@ def prepare_data(data_cfg: DictConfig, is_local_main: bool) -> PreparedData:
     else:
         root = existing_root(data_cfg.root)
     label_check = str(data_cfg.label_check) if fmt != "folder" else None
-    dataset = open_dataset(fmt, root, str(data_cfg.on_bad_image), label_check)
-    return PreparedData(root, dataset, check_num_classes(data_cfg.num_classes, dataset),
-                        resolve_val_bins(data_cfg.val_bins, root))
+    num_classes = None if data_cfg.num_classes is None else int(data_cfg.num_classes)
+    dataset = open_dataset(fmt, root, str(data_cfg.on_bad_image), label_check, num_classes)
+    return PreparedData(root, dataset, int(dataset.num_classes), resolve_val_bins(data_cfg.val_bins, root))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: torch.device, group=None,

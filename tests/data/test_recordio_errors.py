@@ -157,15 +157,20 @@ def test_two_keys_on_one_record_name_their_lines(insightface_copy):
 
 
 def test_wrong_property(insightface_copy):
+    # 7 claimed against 6 identity records: the labels are read and decide (max label 5 + 1)
     (insightface_copy / "property").write_text("7,112,112")
-    with pytest.raises(LabelError, match=r"property says 7 classes but the header record .* says 6"):
+    with pytest.raises(LabelError, match=r"property: says 7 classes but the labels of .*train\.rec say 6 "
+                                         r"\(max label 5 \+ 1\); correct it, or remove it"):
         FaceRecordDataset(insightface_copy)
     (insightface_copy / "property").write_text("6;112")
     with pytest.raises(LabelError, match="malformed property"):
         FaceRecordDataset(insightface_copy)
     (insightface_copy / "property").write_text("6,112,112")
-    with pytest.raises(LabelError, match="num_classes=5 was requested"):
+    with pytest.raises(LabelError, match=r"num_classes=5 but the dataset has 6 classes \(the labels of "
+                                         r".*train\.rec: max label 5 \+ 1\)"):
         FaceRecordDataset(insightface_copy, num_classes=5)
+    with pytest.raises(LabelError, match=r"data\.num_classes=5 but the dataset has 6"):
+        FaceRecordDataset(insightface_copy, num_classes=5, num_classes_key="data.num_classes")
 
 
 def test_reader_is_safe_after_pickle(recordio_fixtures):
