@@ -30,6 +30,7 @@ from .recordio import IR_SIZE, RecordIOError, RecordIOReader, first_label, unpac
 __all__ = [
     "BadSampleError",
     "DatasetError",
+    "DatasetNotFoundError",
     "LabelError",
     "class_count_verdict",
     "FaceRecordDataset",
@@ -59,6 +60,10 @@ class BadSampleError(ValueError):
 class DatasetError(ValueError):
     """A data set as a whole cannot be used (its layout, metadata or image size); the message
     names the file and what was expected against what was found."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The files of a data set are not where they were looked for."""
 
 
 class LabelError(DatasetError):
@@ -286,7 +291,10 @@ class FaceRecordDataset(_BadSamplePolicy):
             rec_path = root / f"{name}.rec"
         idx_path = rec_path.with_suffix(".idx")
         if not rec_path.is_file():
-            raise FileNotFoundError(f"no RecordIO file {rec_path}")
+            hint = ""
+            if root.is_dir() and any(p.is_dir() for p in root.iterdir()):
+                hint = f" ({root} holds folders: for one folder per identity, train with data=folder)"
+            raise DatasetNotFoundError(f"no RecordIO file {rec_path}{hint}")
         self.root = root
         self.transform = transform
         self.return_key = return_key

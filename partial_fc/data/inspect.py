@@ -67,6 +67,8 @@ def inspect_dataset(root: PathLike, verify: bool = False, progress: bool = True,
     report["property"] = list(read_property(prop_path)) if prop_path.is_file() else None
     try:
         ds = FaceRecordDataset(rec_path, check_labels="off", count_classes=False)  # counted below
+    except FileNotFoundError:
+        raise
     except (RecordIOError, ValueError) as err:
         report["fatal"] = str(err)
         return report

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
@@ -14,6 +15,7 @@ import npc_head
 
 from ..optim import build_classifier_optimizer
 from ..classifier import PartialFC
+from .config import ConfigError
 from .stop import StopRequest
 from .trainer import AUTOCAST_DTYPES, Trainer, TrainSettings, stop_request_for
 
@@ -42,7 +44,10 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
 
     model = get_model(model_cfg.name, **backbone_kwargs(model_cfg))
     if model_cfg.pretrained:
-        load_pretrained(model, str(model_cfg.pretrained))
+        try:
+            load_pretrained(model, str(model_cfg.pretrained))
+        except (ValueError, OSError) as err:  # the file's refusal, named by its key
+            raise ConfigError(f"model.pretrained: {err}") from None
     return model
 
 
@@ -169,6 +174,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: to
     """Every training object, built from the config; ``group``: the process group of the run
     (it must exist already; None: one process)."""
     from ..data import DistributedShardSampler
+    from ..eval.metrics import FOLDS  # what the validator scores with
     from ..eval.verification import load_verification_set
     from ..models import save_backbone
     from .data import AugmentedFaces, BatchStream
@@ -185,7 +191,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: to
         backbone = backbone.to(memory_format=torch.channels_last)
     classifier = build_classifier(cfg, data.num_classes, group).to(device)
     backbone_optimizer, classifier_optimizer = build_optimizers(cfg.optim, backbone, classifier)
-    val_sets = [load_verification_set(p, progress=False) for p in data.val_paths]
+    try:
+        val_sets = [load_verification_set(p, progress=False, folds=FOLDS) for p in data.val_paths]
+    except (ValueError, OSError, pickle.UnpicklingError) as err:  # the file's refusal, named by its key
+        raise ConfigError(f"data.val_bins: {err}") from None
     model_name, kwargs = str(cfg.model.name), backbone_kwargs(cfg.model)
 
     def write_backbone(path):
