@@ -84,34 +84,39 @@ def read_property(path: PathLike) -> Tuple[int, int, int]:
 
 
 def list_identity_folders(root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
-    """``(class names, [(path, label)], ignored files)`` of ``root/<identity>/<image>``:
-    identities in sorted name order, images by file name; files whose extension is not in
-    ``extensions`` (``Thumbs.db``, ``.txt``) are ignored and returned (and logged) so callers
-    can report them. Raises FileNotFoundError without ``root``, LabelError naming the folder
-    when there are no identity folders or an identity has no images."""
+    """``(class names, [(path, label)], ignored)`` of ``root/<identity>/<image>``: identities in
+    sorted name order, images by file name. What the layout leaves out is ignored, returned and
+    logged so callers can report it: files whose extension is not in ``extensions``
+    (``Thumbs.db``, ``.txt``), files beside the identity folders, and folders inside them (with
+    the count of images they hold). Raises FileNotFoundError without ``root``, LabelError naming
+    the folder when there are no identity folders or an identity has no images."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     exts = tuple(e.lower() for e in extensions)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    entries = sorted(root.iterdir())
+    classes = [p.name for p in entries if p.is_dir()]
     if not classes:
         hint = ""
         if any(root.glob("*.rec")):
             hint = " (it holds RecordIO: train on it with data=rec data.root=" + str(root) + ")"
         raise LabelError(f"{root}: no identity folders (expected {root}/<identity>/<image>){hint}")
     samples: List[Tuple[Path, int]] = []
-    ignored: List[Path] = []
+    ignored: List[Path] = [p for p in entries if not p.is_dir()]
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.is_file())
+        inside = sorted((root / name).iterdir())
+        files = [p for p in inside if p.is_file()]
         images = [p for p in files if p.suffix.lower() in exts]
-        ignored.extend(p for p in files if p.suffix.lower() not in exts)
+        ignored.extend(p for p in inside if p not in images)
         if not images:
             raise LabelError(f"{root / name}: identity {label} ({name!r}) has no images "
                              f"({len(files)} other file(s); image extensions: {' '.join(exts)})")
         samples.extend((p, label) for p in images)
     if ignored:
-        log.warning("%s: %d file(s) without an image extension ignored, e.g. %s (image extensions: %s)",
-                    root, len(ignored), ignored[0], " ".join(exts))
+        nested = sum(1 for p in ignored if p.is_dir() for q in p.rglob("*") if q.suffix.lower() in exts)
+        log.warning("%s: %d file(s) or folder(s) outside the layout <identity>/<image> ignored, e.g. %s "
+                    "(image extensions: %s)%s", root, len(ignored), ignored[0], " ".join(exts),
+                    f"; {nested} image(s) lie in ignored folders" if nested else "")
     return classes, samples, ignored
 
 

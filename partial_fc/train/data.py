@@ -163,14 +163,16 @@ def ensure_synthetic(cache_dir: str, params: Dict, is_local_main: bool, timeout_
         return root
     if is_local_main:
         from ..data import generate_synthetic
+        from .outputs import writing
 
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         params = dict(params)
         log.info("generating synthetic identities into %s: %s", root, params)
-        summary = generate_synthetic(tmp, **params)
-        (tmp / "COMPLETE").write_text(json.dumps(summary, default=str, indent=1))
+        with writing(tmp, "the synthetic data set (data.cache_dir)"):
+            tmp.mkdir(parents=True)
+            summary = generate_synthetic(tmp, **params)
+            (tmp / "COMPLETE").write_text(json.dumps(summary, default=str, indent=1))
         try:
             os.replace(tmp, root)
         except OSError:  # another node generated it first (identical content)
