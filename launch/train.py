@@ -17,7 +17,7 @@ from partial_fc.data.recordio import RecordIOError  # noqa: E402
 from partial_fc.tools.common import INPUT_ERROR_STATUS, error_line  # noqa: E402
 from partial_fc.train import ConfigError, run_training  # noqa: E402
 from partial_fc.train.checkpoint import CheckpointError, IncompleteCheckpointError  # noqa: E402
-from partial_fc.train.outputs import OutputError  # noqa: E402
+from partial_fc.outputs import OutputError  # noqa: E402
 
 # A bad config, data set, checkpoint or output folder: one line and INPUT_ERROR_STATUS (each
 # worker prints its own). Anything else keeps Hydra's handling (HYDRA_FULL_ERROR=1 for the full

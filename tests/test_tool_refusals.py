@@ -355,6 +355,10 @@ TRAIN_REFUSALS = {
     "a truncated checkpoint file": (
         lambda b: [*SMALL_RUN, f"hydra.run.dir={_damaged_run(b)}"],
         r"damaged/checkpoints/step_00000002/trainer\.pt: not a readable checkpoint file \(100 bytes\)"),
+    "a batch larger than a rank's share of the data set": (
+        lambda b: [*SMALL_RUN, "data.batch_size=64", f"hydra.run.dir={b}/r8"],
+        r"data\.batch_size=64 is larger than a rank's share of the data set \(32 images over 1 rank\(s\): 32 per "
+        r"epoch\)"),
     "a run folder that is a file": (
         lambda b: [*SMALL_RUN, f"hydra.run.dir={b}/a_file/run"],
         r"cannot write the run folder .*a_file/run: .*a_file is a file, not a folder"),

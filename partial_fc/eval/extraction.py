@@ -106,8 +106,10 @@ class RecordFaces(Dataset):
         reader = self._open()
         keys = sorted(int(k) for k in reader.keys)
         if keys and keys[0] == 0:
-            header, _ = unpack(reader.read(0))
-            if _header_field(header, "flag", 0) > 0:  # InsightFace header record: images 1..N
+            header, payload = unpack(reader.read(0))
+            # InsightFace header record (flag >= 2, no image): images 1..N; an im2rec image at key 0
+            # with an array label is an image like the others
+            if _header_field(header, "flag", 0) >= 2 and not payload:
                 end = int(_first_label(_header_field(header, "label", 1)))
                 return [k for k in keys if 1 <= k < end]
         return keys

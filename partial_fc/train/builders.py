@@ -182,6 +182,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: to
     seed = int(cfg.trainer.seed)
     sampler = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=True,
                                       seed=seed, drop_last=bool(cfg.data.drop_last))
+    per_epoch = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=False,
+                                        drop_last=bool(cfg.data.drop_last))
+    if len(per_epoch) < int(cfg.data.batch_size):  # said now, on every rank, not at the first step
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than a rank's share of the data set "
+                          f"({len(data.dataset)} images over {world_size} rank(s): {len(per_epoch)} per epoch)")
     # Workers ship uint8 batches and the trainer normalises them on its device: a quarter of the
     # bytes through shared and pinned memory (bench/RESULTS.md, "Data loader").
     batches = BatchStream(AugmentedFaces(data.dataset, seed), sampler, int(cfg.data.batch_size),

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ..sharding import shard_range
 from . import rng
 from .agreement import rank_spans
-from .outputs import OutputError, writing
+from ..outputs import OutputError, writing
 
 log = logging.getLogger(__name__)
 

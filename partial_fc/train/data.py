@@ -163,7 +163,7 @@ def ensure_synthetic(cache_dir: str, params: Dict, is_local_main: bool, timeout_
         return root
     if is_local_main:
         from ..data import generate_synthetic
-        from .outputs import writing
+        from ..outputs import writing
 
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

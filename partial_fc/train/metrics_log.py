@@ -9,7 +9,7 @@ from typing import Dict
 
 import torch
 
-from .outputs import writing
+from ..outputs import writing
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

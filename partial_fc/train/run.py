@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import validate_config
 from .env import DistEnv, detect_env, init_distributed, job_namespace, select_device
-from .outputs import writing
+from ..outputs import writing
 
 log = logging.getLogger("partial_fc.train")
 

@@ -1,6 +1,7 @@
-"""Writing into the run folder: a file that cannot be written (a full disk, a file size limit, a
-file where a folder must be, a read-only mount) ends the run with one line that names the file,
-what it is for and the system's reason, instead of a traceback from inside ``torch.save``."""
+"""Writing outputs (a run folder, a tool's output file): a file that cannot be written (a full
+disk, a file size limit, a file where a folder must be, a read-only mount) raises OutputError,
+one line that names the file, what it is for and the system's reason, instead of a traceback
+from inside ``torch.save``."""
 from __future__ import annotations
 
 import contextlib
@@ -76,34 +77,3 @@ def make_folder(path: PathLike, what: str) -> None:
     """Create folder ``path`` (and its parents) unless it exists; OutputError as in :func:`writing`."""
     with writing(path, what):
         os.makedirs(path, exist_ok=True)
-
-
-try:  # Hydra is the launcher's; the rest of this module works without it
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra-core is a dependency
-    Callback = object
-
-
-class RunFolderCheck(Callback):
-    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): the run folder (or a
-    multirun's sweep folder) that Hydra is about to create, created first here, so that one that
-    cannot be (a file in the way, a read-only mount) ends ``launch/train.py`` with one
-    ``train.py: error: ...`` line and exit status 2 rather than Hydra's traceback."""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        self._make(config.hydra.run.dir)
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        self._make(config.hydra.sweep.dir)
-
-    @staticmethod
-    def _make(path) -> None:
-        import sys
-
-        from ..tools.common import INPUT_ERROR_STATUS, error_line
-
-        try:
-            make_folder(str(path), "the run folder")
-        except OutputError as err:
-            print(error_line("train.py", err), file=sys.stderr, flush=True)
-            sys.exit(INPUT_ERROR_STATUS)
