@@ -417,7 +417,7 @@ def test_pack_refuses_a_list_line_of_three_fields_and_a_photo_listed_twice(tmp_p
                                                capsys))
     assert line.endswith(f"{lst}:2: expected 'path<TAB>label', got 3 tab-separated field(s) in '0\\t1\\tb.jpg' "
                          "(this looks like an im2rec .lst, 'index<TAB>label<TAB>path': swap to 'path<TAB>label')")
-    lst.write_text(f"a.jpg\t0\nb.jpg\t1\n./a.jpg\t1\n")  # the same photo in two classes
+    lst.write_text("a.jpg\t0\nb.jpg\t1\n./a.jpg\t1\n")  # the same photo in two classes
     line = _one_line_refusal("pfc-pack", *_run("partial_fc.tools.pack:main",
                                                [str(lst), str(tmp_path / "out"), "--workers", "1", "--no-progress"],
                                                capsys))

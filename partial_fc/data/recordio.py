@@ -15,7 +15,6 @@ float32 labels when ``flag > 0`` (the header's label field is then 0), then the 
 """
 from __future__ import annotations
 
-import io
 import logging
 import mmap
 import numbers
@@ -239,7 +238,7 @@ def _line_of_entry(idx_path: Path, index: int) -> int:
     return seen + 1
 
 
-def idx_lines_of_key(idx_path: PathLike, key: int) -> list:
+def _idx_lines_of_key(idx_path: PathLike, key: int) -> list:
     """The line numbers of ``idx_path`` whose key is ``key`` (for messages)."""
     lines = []
     for lineno, line in enumerate(Path(idx_path).read_text(encoding="ascii", errors="replace").splitlines(), 1):
@@ -378,7 +377,7 @@ class RecordIOReader:
         """' (lines a, b)': where ``keys`` stand in the .idx (for messages)."""
         if self.idx_path is None:
             return ""
-        lines = sorted({n for key in keys for n in idx_lines_of_key(self.idx_path, int(key))})
+        lines = sorted({n for key in keys for n in _idx_lines_of_key(self.idx_path, int(key))})
         return f" (lines {', '.join(map(str, lines))})" if lines else ""
 
     # ------------------------------------------------------------------ file access
