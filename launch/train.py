@@ -11,17 +11,22 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from partial_fc.data.datasets import BadSampleError, LabelError  # noqa: E402
+from partial_fc.data.datasets import BadSampleError, DatasetError  # noqa: E402
 from partial_fc.data.image import ImageDecodeError  # noqa: E402
-from partial_fc.data.recordio import DuplicateOffsetError, RecordIOError  # noqa: E402
+from partial_fc.data.recordio import RecordIOError  # noqa: E402
 from partial_fc.tools.common import INPUT_ERROR_STATUS, error_line  # noqa: E402
 from partial_fc.train import ConfigError, NetworkInterfaceError, run_training  # noqa: E402
 from partial_fc.train.checkpoint import CheckpointError, IncompleteCheckpointError  # noqa: E402
+from partial_fc.outputs import OutputError  # noqa: E402
 
-# A bad config, data set or checkpoint: one line and INPUT_ERROR_STATUS (each worker prints its
-# own). Anything else keeps Hydra's handling (HYDRA_FULL_ERROR=1 for the full traceback).
-INPUT_ERRORS = (ConfigError, CheckpointError, IncompleteCheckpointError, BadSampleError, LabelError,
-                RecordIOError, DuplicateOffsetError, ImageDecodeError, NetworkInterfaceError)
+# A bad config, data set, checkpoint or output folder: one line and INPUT_ERROR_STATUS (each
+# worker prints its own). Anything else keeps Hydra's handling (HYDRA_FULL_ERROR=1 for the full
+# traceback). A data set's refusals derive from DatasetError (LabelError among them), a file the
+# run cannot write raises OutputError (CheckpointWriteError among them), and a file named by a
+# key that does not fit (model.pretrained, data.val_bins, data.root) a ConfigError naming the key;
+# a network interface that cannot carry the process group a NetworkInterfaceError.
+INPUT_ERRORS = (ConfigError, CheckpointError, IncompleteCheckpointError, DatasetError, BadSampleError,
+                RecordIOError, ImageDecodeError, OutputError, NetworkInterfaceError)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import configparser
 import importlib
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -227,3 +229,213 @@ def test_size_refusal_mentions_pfc_align_for_raw_photos(tmp_path):
                        r"repack with pfc-pack --resize 112x112, or for raw photos align them first "
                        r"with pfc-align"):
         FaceRecordDataset(tmp_path / "rec", image_size=(112, 112))
+
+
+# ----------------------------------------------------------------------------- launch/train.py
+# Each kind of bad input (config, data set, checkpoint, output folder) leaves launch/train.py
+# through one `train.py: error: ...` line and exit status 2; the line names the file, the key,
+# the line or record, and what was expected against what was found.
+SMALL_RUN = ["data.synthetic.num_identities=8", "data.synthetic.images_per_identity=4",
+             "data.synthetic.num_heldout_identities=2", "data.synthetic.num_pairs=20", "data.batch_size=4",
+             "data.num_workers=0", "trainer.max_steps=2", "trainer.progress_bar=false"]
+REC_RUN = ["data=rec", "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=2",
+           "trainer.progress_bar=false"]
+
+
+def _train(overrides, env_dir: Path, limit_file_bytes=None) -> subprocess.CompletedProcess:
+    import os
+    import resource
+
+    def limit():  # a file size limit (EFBIG on a longer write), settable without privileges
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    env = dict(os.environ, PFC_DATA_CACHE=str(env_dir / "cache"), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *overrides], capture_output=True,
+                          text=True, timeout=240, cwd=env_dir, env=env,
+                          preexec_fn=limit if limit_file_bytes else None)
+
+
+def _one_train_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: "), proc.stderr[-3000:]
+    return errors[0][len("train.py: error: "):]
+
+
+def _pack(root: Path, size=(112, 112)) -> Path:
+    from partial_fc.data.packing import pack_images
+
+    items = []
+    for k in range(8):
+        path = root.parent / f"{root.name}-src" / f"{k}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (size[1], size[0]), (30 * k, 60, 90)).save(path)
+        items.append((path, k // 2))
+    pack_images(items, root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory):
+    """A finished 2-step run of the small synthetic set, packs of 112x112 and 112x96 crops, and
+    files that are not what their key wants."""
+    base = tmp_path_factory.mktemp("train_inputs")
+    done = base / "done"
+    proc = _train([*SMALL_RUN, f"hydra.run.dir={done}"], base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _pack(base / "rec112")
+    _pack(base / "rec96", size=(112, 96))
+    (base / "notes.txt").write_text("not weights, not pairs\n")
+    (base / "empty").mkdir()
+    (base / "a_file").write_text("")
+    return base
+
+
+def _idx_with_offset(base: Path, value: str) -> Path:
+    bad = base / "idx_bad"
+    if not bad.exists():
+        shutil.copytree(base / "rec112", bad)
+    lines = (bad / "train.idx").read_text().splitlines()
+    lines[1] = f"1\t{value}"
+    (bad / "train.idx").write_text("\n".join(lines) + "\n")
+    return bad
+
+
+def _damaged_run(base: Path) -> Path:
+    run = base / "damaged"
+    if not run.exists():
+        shutil.copytree(base / "done", run)
+        trainer = run / "checkpoints" / "step_00000002" / "trainer.pt"
+        trainer.write_bytes(trainer.read_bytes()[:100])
+    return run
+
+
+def _tensorboard_blocked(base: Path) -> Path:
+    run = base / "tb_blocked"
+    run.mkdir(exist_ok=True)
+    (run / "tensorboard").write_text("")
+    return run
+
+
+TRAIN_REFUSALS = {
+    "data.num_classes that the labels contradict": (
+        lambda b: [*SMALL_RUN, "data.num_classes=9", f"hydra.run.dir={b}/r1"],
+        r"data\.num_classes=9 but the dataset has 8 classes \(the labels of .*train\.rec: max label 7 \+ 1\)"),
+    "112x96 crops under on_bad_image=skip": (
+        lambda b: [*REC_RUN, f"data.root={b}/rec96", "data.on_bad_image=skip", f"hydra.run.dir={b}/r2"],
+        r"rec96/property: images are 112x96 \(HxW\) but 112x112 are needed; repack with pfc-pack --resize 112x112"),
+    "a data.root that does not exist": (
+        lambda b: [*REC_RUN, f"data.root={b}/nowhere", f"hydra.run.dir={b}/r3"],
+        r"data\.root: .*/nowhere does not exist"),
+    "a data.root without RecordIO": (
+        lambda b: [*REC_RUN, f"data.root={b}/empty", f"hydra.run.dir={b}/r4"],
+        r"no RecordIO file .*/empty/train\.rec"),
+    "an .idx offset of 2^64-1 (apache/mxnet#8103)": (
+        lambda b: [*REC_RUN, f"data.root={_idx_with_offset(b, '18446744073709551615')}", f"hydra.run.dir={b}/r5"],
+        r"idx_bad/train\.idx: line 2: key 1: offset 18446744073709551615 lies past the end of train\.rec "
+        r"\(\d+ bytes\)"),
+    "a data.val_bins file that is not a .bin": (
+        lambda b: [*SMALL_RUN, f"data.val_bins=[{b}/notes.txt]", f"hydra.run.dir={b}/r6"],
+        r"data\.val_bins: .*notes\.txt: not a readable verification \.bin"),
+    "a model.pretrained file that is not a backbone": (
+        lambda b: [*SMALL_RUN, f"model.pretrained={b}/notes.txt", f"hydra.run.dir={b}/r7"],
+        r"model\.pretrained: .*notes\.txt: not a PyTorch backbone file .*found text"),
+    "a run folder of a run with another class count": (
+        lambda b: [*SMALL_RUN, "data.synthetic.num_identities=6", f"hydra.run.dir={b}/done"],
+        r"done/checkpoints/step_00000002/MANIFEST\.json: the checkpoint was written with num_classes=8 "
+        r"\(this run: 6\); this run folder holds another run"),
+    "a run folder of a run of another head": (
+        lambda b: [*SMALL_RUN, "head=arcface", f"hydra.run.dir={b}/done"],
+        r"MANIFEST\.json: the checkpoint was written with head=npcface \(this run: arcface\)"),
+    "a run folder of a run on another number of images": (
+        lambda b: [*SMALL_RUN, "data.synthetic.images_per_identity=5", f"hydra.run.dir={b}/done"],
+        r"done/checkpoints/step_00000002/trainer\.pt: the sampler state does not fit this run \(sampler state "
+        r"has dataset_len=32 but this sampler has dataset_len=40\)"),
+    "a truncated checkpoint file": (
+        lambda b: [*SMALL_RUN, f"hydra.run.dir={_damaged_run(b)}"],
+        r"damaged/checkpoints/step_00000002/trainer\.pt: not a readable checkpoint file \(100 bytes\)"),
+    "a batch larger than a rank's share of the data set": (
+        lambda b: [*SMALL_RUN, "data.batch_size=64", f"hydra.run.dir={b}/r8"],
+        r"data\.batch_size=64 is larger than a rank's share of the data set \(32 images over 1 rank\(s\): 32 per "
+        r"epoch\)"),
+    "a run folder that is a file": (
+        lambda b: [*SMALL_RUN, f"hydra.run.dir={b}/a_file/run"],
+        r"cannot write the run folder .*a_file/run: .*a_file is a file, not a folder"),
+    "a TensorBoard folder that is a file": (
+        lambda b: [*SMALL_RUN, f"hydra.run.dir={_tensorboard_blocked(b)}"],
+        r"cannot write the TensorBoard log .*tb_blocked/tensorboard: .*tensorboard is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TRAIN_REFUSALS))
+def test_train_refuses_each_kind_of_bad_input_in_one_line(kind, train_inputs):
+    overrides, message = TRAIN_REFUSALS[kind]
+    line = _one_train_error(_train(overrides(train_inputs), train_inputs))
+    assert re.search(message, line), line
+
+
+def test_train_that_cannot_write_its_first_checkpoint_says_which_file_and_why(train_inputs):
+    run = train_inputs / "fsize"
+    proc = _train([*SMALL_RUN, f"hydra.run.dir={run}"], train_inputs, limit_file_bytes=1 << 20)
+    line = _one_train_error(proc)
+    assert re.fullmatch(rf"checkpoint of step 2 not written: rank 0: cannot write the trainer state "
+                        rf"{run}/checkpoints/step_00000002\.tmp/trainer\.pt: File too large; no complete checkpoint "
+                        r"exists yet", line), line
+    assert list((run / "checkpoints").iterdir()) == []  # the half-written folder is gone
+
+
+# ----------------------------------------------------------------------------- other tools
+
+
+def test_inspect_names_the_idx_line_of_an_offset_of_2_64_minus_1(tmp_path, capsys):
+    root = _idx_with_offset(_pack(tmp_path / "rec112").parent, "18446744073709551615")
+    rc, captured = _run("partial_fc.tools.inspect:main", [str(root), "--no-progress"], capsys)
+    assert rc == 2  # the set does not open: the report says why
+    assert re.search(r"FATAL +.*idx_bad/train\.idx: line 2: key 1: offset 18446744073709551615 lies past the end "
+                     r"of train\.rec \(\d+ bytes\) \(2\^64-1: a -1 written as unsigned\)", captured.out), captured.out
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"steps": 3', r"summary\.json: not a readable run summary \(JSON: Expecting"),
+    ("[1, 2]", r"summary\.json: not a run summary of launch/train\.py \(a JSON list, expected an object\)"),
+    ('{"steps": 3}', r"summary\.json: not a run summary of launch/train\.py \(it has no 'samples_per_sec' entry\)"),
+])
+def test_summary_of_a_damaged_file_names_it(tmp_path, capsys, content, message):
+    (tmp_path / "summary.json").write_text(content)
+    line = _one_line_refusal("pfc-summary", *_run("partial_fc.tools.summary:main", [str(tmp_path)], capsys))
+    assert re.search(message, line), line
+
+
+def test_pack_refuses_a_list_line_of_three_fields_and_a_photo_listed_twice(tmp_path, capsys):
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8), (3, 2, 1)).save(tmp_path / "b.jpg")
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.jpg\t0\n0\t1\tb.jpg\n")  # an im2rec .lst line: index, label, path
+    line = _one_line_refusal("pfc-pack", *_run("partial_fc.tools.pack:main",
+                                               [str(lst), str(tmp_path / "out"), "--workers", "1", "--no-progress"],
+                                               capsys))
+    assert line.endswith(f"{lst}:2: expected 'path<TAB>label', got 3 tab-separated field(s) in '0\\t1\\tb.jpg' "
+                         "(this looks like an im2rec .lst, 'index<TAB>label<TAB>path': swap to 'path<TAB>label')")
+    lst.write_text("a.jpg\t0\nb.jpg\t1\n./a.jpg\t1\n")  # the same photo in two classes
+    line = _one_line_refusal("pfc-pack", *_run("partial_fc.tools.pack:main",
+                                               [str(lst), str(tmp_path / "out"), "--workers", "1", "--no-progress"],
+                                               capsys))
+    assert line.endswith(f"{lst}:3: './a.jpg' is listed again (first on line 1)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_set_smaller_than_its_folds_names_the_file(tiny_checkpoint, tmp_path, capsys):
+    from partial_fc.eval.bin_format import write_bin
+
+    image = (tmp_path / "f.jpg")
+    Image.new("RGB", (112, 112), (9, 9, 9)).save(image)
+    path = write_bin(tmp_path / "tiny.bin", [image.read_bytes()] * 8, [True, False, True, False])
+    line = _one_line_refusal("pfc-eval", *_run("partial_fc.tools.eval:main",
+                                               [str(tiny_checkpoint), str(path), "--device", "cpu"], capsys))
+    assert line.endswith(f"{path}: 4 pairs cannot be scored by the 10-fold protocol (it needs 2 <= folds <= pairs)")
+    text = tmp_path / "pairs.bin"
+    text.write_text("not a pickle")
+    line = _one_line_refusal("pfc-eval", *_run("partial_fc.tools.eval:main",
+                                               [str(tiny_checkpoint), str(text), "--device", "cpu"], capsys))
+    assert f"{text}: not a readable verification .bin (expected a pickle of (images, issame))" in line

@@ -7,7 +7,8 @@ landmark file (`path x1 y1 ... x5 y5` per line, path relative to the source fold
 `ARCFACE_TEMPLATE` order: image-left eye, image-right eye, nose tip, image-left and image-right
 mouth corner; OpenCV pixel convention) or, without one, from `FaceDetector` (optional extra
 `[align]`). Photos with no face, or with several (unless the largest is to be kept), are not
-written and are listed in the report, as are unreadable ones.
+written and are listed in the report, as are unreadable ones and those under the source folder
+that a landmark file has no line for.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .datasets import IMAGE_EXTENSIONS
 from .image import ImageDecodeError, decode_image
 from .parallel import imap_ordered
 
-__all__ = ["AlignError", "read_landmark_file", "list_photos", "align_folder"]
+__all__ = ["AlignError", "read_landmark_file", "list_photos", "align_folder", "LEFT_OUT"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -112,37 +113,45 @@ def _align_one(task) -> Dict:
 
 
 ALIGN_REPORT_NAME = "align_report.json"  # pfc-align's default report, beside the crops
+# Why a photo is not aligned: the report's list of each (no_landmarks: a photo under the source
+# folder that the landmark file has no line for)
+LEFT_OUT = ("no_face", "several_faces", "unreadable", "no_landmarks")
 
 
 def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[PathLike] = None,
                  keep_largest: bool = False, upsample: int = 1, method: str = "hog+cnn",
                  size: int = 112, quality: int = 95, workers: int = 1, progress: bool = True) -> Dict:
-    """Align every photo under `source` (or every photo a `landmark_file` lists) into `output`.
+    """Align every photo under `source` (with a `landmark_file`: every photo it lists) into `output`.
 
     Without a landmark file `FaceDetector(upsample, method)` (extra `[align]`) finds the faces:
     a photo with one face is aligned; with several, only when `keep_largest` (the largest box is
     kept). Crops are `size` x `size` JPEGs at `quality`, at the photo's relative path with the
     suffix `.jpg`; an `output` inside `source` is not read as photos. `workers` processes.
 
-    Returns the report: counts, and per photo its `status` (`aligned`, `no_face`,
-    `several_faces`, `unreadable`), the number of `faces` found, and for aligned photos the
-    `output` and the `landmarks` used (source pixels). `no_face`, `several_faces` and
-    `unreadable` also list those photos. Raises AlignError for a malformed landmark file or two
+    Returns the report: counts (`photos`: every photo under `source` and every one the landmark
+    file lists), and per photo its `status` (`aligned`, or why not: one of LEFT_OUT), the number
+    of `faces` found, and for aligned photos the `output` and the `landmarks` used (source
+    pixels). Each of LEFT_OUT also lists its photos; `no_landmarks` holds the photos under
+    `source` that the landmark file has no line for. Raises AlignError for a malformed landmark file or two
     photos that would be written to one output; DetectorUnavailable when detection is needed
     and the extra is not installed.
     """
     source, output = Path(source), Path(output)
     if not source.is_dir():
         raise FileNotFoundError(f"photo folder not found: {source}")
+    inside = output.resolve().is_relative_to(source.resolve())  # leave earlier crops out
+    photos = [name for name in list_photos(source)
+              if not (inside and (source / name).resolve().is_relative_to(output.resolve()))]
+    unlisted: List[str] = []
     if landmark_file is not None:
         jobs = [(name, points) for name, points, _ in read_landmark_file(landmark_file)]
+        listed = {Path(name).as_posix() for name, _ in jobs}
+        unlisted = [name for name in photos if name not in listed]  # left out, and said so
     else:
         from .face_detection import FaceDetector
 
         FaceDetector(upsample=upsample, method=method)  # fails here, once, when the extra is missing
-        inside = output.resolve().is_relative_to(source.resolve())  # leave earlier crops out
-        jobs = [(name, None) for name in list_photos(source)
-                if not (inside and (source / name).resolve().is_relative_to(output.resolve()))]
+        jobs = [(name, None) for name in photos]
     if not jobs:
         raise AlignError(f"{source}: no photos ({', '.join(IMAGE_EXTENSIONS)})")
     targets: Dict[str, str] = {}
@@ -174,8 +183,9 @@ def align_folder(source: PathLike, output: PathLike, *, landmark_file: Optional[
         results.close()
         if bar is not None:
             bar.close()
+    entries.extend({"photo": str(source / name), "status": "no_landmarks"} for name in unlisted)
     report: Dict = {"source": str(source), "output": str(output), "photos": len(entries)}
-    for status in ("aligned", "no_face", "several_faces", "unreadable"):
+    for status in ("aligned",) + LEFT_OUT:
         chosen = [e for e in entries if e["status"] == status]
         report[status] = len(chosen) if status == "aligned" else [e["photo"] for e in chosen]
     report["several_faces_kept"] = [e["photo"] for e in entries

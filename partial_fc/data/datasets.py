@@ -20,16 +20,19 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .image import ImageDecodeError, decode_image
-from .recordio import RecordIOError, RecordIOReader, unpack
+from .recordio import IR_SIZE, RecordIOError, RecordIOReader, first_label, unpack
 
 __all__ = [
     "BadSampleError",
+    "DatasetError",
+    "DatasetNotFoundError",
     "LabelError",
+    "class_count_verdict",
     "FaceRecordDataset",
     "ImageFolderDataset",
     "read_property",
@@ -54,7 +57,16 @@ class BadSampleError(ValueError):
     """A sample's payload is unusable (undecodable image, unreadable header, mislabelled)."""
 
 
-class LabelError(ValueError):
+class DatasetError(ValueError):
+    """A data set as a whole cannot be used (its layout, metadata or image size); the message
+    names the file and what was expected against what was found."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """The files of a data set are not where they were looked for."""
+
+
+class LabelError(DatasetError):
     """A label lies outside [0, num_classes) or the dataset's class metadata is inconsistent."""
 
 
@@ -72,34 +84,39 @@ def read_property(path: PathLike) -> Tuple[int, int, int]:
 
 
 def list_identity_folders(root: PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS):
-    """``(class names, [(path, label)], ignored files)`` of ``root/<identity>/<image>``:
-    identities in sorted name order, images by file name; files whose extension is not in
-    ``extensions`` (``Thumbs.db``, ``.txt``) are ignored and returned (and logged) so callers
-    can report them. Raises FileNotFoundError without ``root``, LabelError naming the folder
-    when there are no identity folders or an identity has no images."""
+    """``(class names, [(path, label)], ignored)`` of ``root/<identity>/<image>``: identities in
+    sorted name order, images by file name. What the layout leaves out is ignored, returned and
+    logged so callers can report it: files whose extension is not in ``extensions``
+    (``Thumbs.db``, ``.txt``), files beside the identity folders, and folders inside them (with
+    the count of images they hold). Raises FileNotFoundError without ``root``, LabelError naming
+    the folder when there are no identity folders or an identity has no images."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     exts = tuple(e.lower() for e in extensions)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    entries = sorted(root.iterdir())
+    classes = [p.name for p in entries if p.is_dir()]
     if not classes:
         hint = ""
         if any(root.glob("*.rec")):
             hint = " (it holds RecordIO: train on it with data=rec data.root=" + str(root) + ")"
         raise LabelError(f"{root}: no identity folders (expected {root}/<identity>/<image>){hint}")
     samples: List[Tuple[Path, int]] = []
-    ignored: List[Path] = []
+    ignored: List[Path] = [p for p in entries if not p.is_dir()]
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.is_file())
+        inside = sorted((root / name).iterdir())
+        files = [p for p in inside if p.is_file()]
         images = [p for p in files if p.suffix.lower() in exts]
-        ignored.extend(p for p in files if p.suffix.lower() not in exts)
+        ignored.extend(p for p in inside if p not in images)
         if not images:
             raise LabelError(f"{root / name}: identity {label} ({name!r}) has no images "
                              f"({len(files)} other file(s); image extensions: {' '.join(exts)})")
         samples.extend((p, label) for p in images)
     if ignored:
-        log.warning("%s: %d file(s) without an image extension ignored, e.g. %s (image extensions: %s)",
-                    root, len(ignored), ignored[0], " ".join(exts))
+        nested = sum(1 for p in ignored if p.is_dir() for q in p.rglob("*") if q.suffix.lower() in exts)
+        log.warning("%s: %d file(s) or folder(s) outside the layout <identity>/<image> ignored, e.g. %s "
+                    "(image extensions: %s)%s", root, len(ignored), ignored[0], " ".join(exts),
+                    f"; {nested} image(s) lie in ignored folders" if nested else "")
     return classes, samples, ignored
 
 
@@ -174,6 +191,56 @@ class _BadSamplePolicy:
             )
 
 
+# range labels not read yet, and unreadable (no label is this small)
+_UNREAD, _UNKNOWN = np.iinfo(np.int64).min, np.iinfo(np.int64).min + 1
+
+
+def class_count_verdict(rec_path, claims: Dict[str, int], counted: Optional[int],
+                        identity_records: Optional[int] = None, requested: Optional[str] = None):
+    """``(num_classes, errors, warnings)`` of a RecordIO set from what each source says.
+
+    ``claims``: source -> class count (``"data.num_classes=4"``, a ``property`` path), the key
+    ``requested`` among them being the caller's request; ``counted``: max label + 1 (None: the
+    labels were not read); ``identity_records``: C of an InsightFace header. The labels decide:
+    a request or a property that disagrees with them is an error (a property only a warning when
+    the request agrees with the labels). Without ``counted`` the claims give the count when they
+    agree (else it is None). Identity records that outnumber the classes are a warning (surplus
+    records: an identity split over several records, as in Glint360K), as are fewer records
+    than classes.
+    """
+    errors: List[str] = []
+    notes: List[str] = []
+    if counted is None:
+        values = set(claims.values())
+        num_classes = values.pop() if len(values) == 1 else None
+        source = " and ".join(claims)
+    else:
+        num_classes, source = counted, f"max label {counted - 1} + 1"
+        wrong = {name: value for name, value in claims.items() if value != counted}
+        request_agrees = requested is not None and requested not in wrong
+        for name, value in wrong.items():
+            if name == requested:
+                errors.append(f"{requested} but the dataset has {counted} classes (the labels of "
+                              f"{rec_path}: max label {counted - 1} + 1)")
+            elif request_agrees:
+                notes.append(f"{name}: says {value} classes but the labels of {rec_path} say {counted} "
+                             f"(as does {requested}): the labels are used; correct the property file")
+            else:
+                errors.append(f"{name}: says {value} classes but the labels of {rec_path} say {counted} "
+                              f"(max label {counted - 1} + 1); correct it, or remove it to count the labels")
+    if num_classes is not None and identity_records is not None and identity_records != num_classes:
+        if identity_records > num_classes:
+            notes.append(f"{rec_path}: the header holds {identity_records} identity records for "
+                         f"{num_classes} classes ({source}): {identity_records - num_classes} surplus "
+                         "identity record(s), e.g. an identity split over several records (as in "
+                         "Glint360K); the image labels are used")
+        else:
+            notes.append(f"{rec_path}: the header holds {identity_records} identity records for "
+                         f"{num_classes} classes ({source}): {num_classes - identity_records} class(es) "
+                         "have no identity record; the image labels are used")
+    return num_classes, errors, notes
+
+
 class FaceRecordDataset(_BadSamplePolicy):
     """Images and labels from an MXNet RecordIO face dataset.
 
@@ -181,18 +248,28 @@ class FaceRecordDataset(_BadSamplePolicy):
     the path of a ``.rec`` file. Two layouts are recognised:
 
     - InsightFace: record 0 holds a header (flag > 0, empty payload, label ``[N+1, N+1+C]``);
-      images are keys 1..N, and keys N+1..N+C hold each identity's ``[first key, end key)``.
-      ``num_classes`` is C; a ``property`` file that says otherwise raises LabelError. The image's
-      own label is used; ``check_labels`` (one of LABEL_CHECKS) says what a label outside the
-      identity range holding its key does: ``off`` nothing, ``warn`` a logged warning (counted
-      in ``label_disagreements``), ``raise`` a LabelError naming the key, label and range.
-    - im2rec: every key is an image, in key order; ``num_classes`` comes from ``property``, the
-      ``num_classes`` argument, or (neither given) one scan of the labels.
+      images are keys 1..N, and keys N+1..N+C hold C identity records, each a ``[first key, end
+      key)`` range. The image's own label is used; ``check_labels`` (one of LABEL_CHECKS) says
+      what an image whose label differs from that of the first image of its range does: ``off``
+      nothing, ``warn`` a logged warning (counted in ``label_disagreements``), ``raise`` a
+      LabelError naming the key, label and range.
+    - im2rec: every key is an image, in key order.
+
+    ``num_classes`` is the labels' count (max label + 1). The ``num_classes`` argument (named
+    ``num_classes_key`` in messages) and the ``property`` file give it without reading the
+    images' labels when they agree (and, InsightFace layout, the label of the first image of
+    each identity range does not contradict them: C reads, not N); otherwise every label is
+    read once (:meth:`count_classes`, record headers only) and :func:`class_count_verdict`
+    decides: a request or property that disagrees with them raises LabelError (a property is
+    only warned about when the request agrees with the labels); identity records that outnumber
+    the classes (as in Glint360K) are a logged warning. With ``count_classes=False`` no label is
+    read here and ``num_classes`` is None where only the labels could tell it.
 
     Without ``train.idx`` the index is built by one scan of the file (keys = record order, as
     MXNet writes them), and saved beside it with ``save_index=True``.
     ``return_key=True`` makes items ``(image, label, key)``. With ``image_size=(h, w)`` a decoded
-    image of another size is a bad sample (``on_bad_image`` decides), named by key and offset.
+    image of another size is a bad sample (``on_bad_image`` decides), named by key and offset; a
+    ``property`` of another size raises DatasetError at once.
     """
 
     def __init__(
@@ -207,6 +284,8 @@ class FaceRecordDataset(_BadSamplePolicy):
         name: str = "train",
         save_index: bool = False,
         image_size: Optional[Tuple[int, int]] = None,
+        num_classes_key: str = "num_classes",
+        count_classes: bool = True,
     ):
         self._init_policy(on_bad_image, image_size)
         root = Path(root)
@@ -217,7 +296,10 @@ class FaceRecordDataset(_BadSamplePolicy):
             rec_path = root / f"{name}.rec"
         idx_path = rec_path.with_suffix(".idx")
         if not rec_path.is_file():
-            raise FileNotFoundError(f"no RecordIO file {rec_path}")
+            hint = ""
+            if root.is_dir() and any(p.is_dir() for p in root.iterdir()):
+                hint = f" ({root} holds folders: for one folder per identity, train with data=folder)"
+            raise DatasetNotFoundError(f"no RecordIO file {rec_path}{hint}")
         self.root = root
         self.transform = transform
         self.return_key = return_key
@@ -238,7 +320,7 @@ class FaceRecordDataset(_BadSamplePolicy):
         self.image_size = (prop[1], prop[2]) if prop else None
         if self.required_size is not None and self.image_size not in (None, self.required_size):
             h, w = self.required_size
-            raise ValueError(
+            raise DatasetError(
                 f"{prop_path}: images are {prop[1]}x{prop[2]} (HxW) but {h}x{w} are needed; repack with "
                 f"pfc-pack --resize {h}x{w}, or for raw photos align them first with pfc-align "
                 f"(112x112 ArcFace crops) and pack those"
@@ -247,32 +329,30 @@ class FaceRecordDataset(_BadSamplePolicy):
         header = self._read_layout_header()
         self._key_class: Optional[np.ndarray] = None
         self.identity_ranges: Optional[np.ndarray] = None
+        self.identity_records: Optional[int] = None  # C of an InsightFace header
         if header is not None:
             self.layout = "insightface"
             first_identity_key, end_identity_key = header
             self.keys = np.arange(1, first_identity_key, dtype=np.int64)
-            header_classes = end_identity_key - first_identity_key
-            self._check_agreement("the header record", header_classes, prop, num_classes)
-            self.num_classes = header_classes
-            missing = np.setdiff1d(np.arange(1, end_identity_key), self.reader.key_array)
-            if missing.size:
-                raise RecordIOError(
-                    f"key not found in {self.reader.idx_path or 'the scanned index'} "
-                    f"({missing.size} of the header's keys 1..{end_identity_key - 1} are missing)",
-                    rec_path,
-                    key=int(missing[0]),
-                )
+            self.identity_records = end_identity_key - first_identity_key
+            self._check_header_keys(end_identity_key)
             self._load_identity_ranges(first_identity_key, end_identity_key)
         else:
             self.layout = "im2rec"
             self.keys = np.sort(self.reader.key_array)
-            if prop is not None:
-                self._check_agreement("property", prop[0], None, num_classes)
-                self.num_classes = prop[0]
-            elif num_classes is not None:
-                self.num_classes = int(num_classes)
-            else:
-                self.num_classes = self._scan_num_classes()
+        self.class_claims: Dict[str, int] = {}  # who says how many classes, before any label
+        requested = None if num_classes is None else f"{num_classes_key}={num_classes}"
+        if requested is not None:
+            self.class_claims[requested] = int(num_classes)
+        if prop is not None:
+            self.class_claims[str(prop_path)] = prop[0]
+        counted = self._count_if_claims_disagree() if count_classes else None
+        self.num_classes, errors, notes = class_count_verdict(
+            self.reader.rec_path, self.class_claims, counted, self.identity_records, requested)
+        if errors:
+            raise LabelError(errors[0])
+        for note in notes:
+            log.warning("%s", note)
 
     # ------------------------------------------------------------------ metadata
     def _read_layout_header(self):
@@ -294,14 +374,22 @@ class FaceRecordDataset(_BadSamplePolicy):
             )
         return int(first), int(end)
 
-    def _check_agreement(self, source: str, value: int, prop, requested):
-        if prop is not None and prop[0] != value:
-            raise LabelError(
-                f"{self.property_path}: property says {prop[0]} classes but {source} of "
-                f"{self.reader.rec_path} says {value}"
+    def _check_header_keys(self, end_key: int) -> None:
+        """Every key 1..end-1 the header names is indexed; indexed keys outside 0..end-1 are not
+        used, and said so."""
+        keys = self.reader.key_array
+        missing = np.setdiff1d(np.arange(1, end_key), keys)
+        if missing.size:
+            raise RecordIOError(
+                f"key not found in {self.reader.idx_path or 'the scanned index'} "
+                f"({missing.size} of the header's keys 1..{end_key - 1} are missing)",
+                self.reader.rec_path,
+                key=int(missing[0]),
             )
-        if requested is not None and int(requested) != value:
-            raise LabelError(f"num_classes={requested} was requested but {source} says {value}")
+        outside = keys[(keys < 0) | (keys >= end_key)]
+        if outside.size:
+            log.warning("%s: %d indexed record(s) lie outside the header's keys 0..%d and are not used "
+                        "(e.g. key %d)", self.reader.rec_path, outside.size, end_key - 1, int(outside[0]))
 
     def _load_identity_ranges(self, first_key: int, end_key: int):
         n_images = first_key - 1
@@ -331,16 +419,46 @@ class FaceRecordDataset(_BadSamplePolicy):
             key_class[start - 1 : end - 1] = j
         self.identity_ranges = ranges
         self._key_class = key_class
+        self._range_label = np.full(len(ranges), _UNREAD, dtype=np.int64)  # read on demand
 
-    def _scan_num_classes(self) -> int:
+    def _count_if_claims_disagree(self) -> Optional[int]:
+        """Max label + 1 (:meth:`count_classes`) unless the claims agree on one count, which the
+        first images of the identity ranges (InsightFace layout: C reads, not N) do not contradict;
+        else None."""
+        claimed = set(self.class_claims.values())
+        if len(claimed) == 1:
+            if self.identity_ranges is None:
+                return None
+            claim = claimed.pop()
+            starts = [self.range_label(j) for j in range(len(self.identity_ranges))]
+            known = [c for c in starts if c is not None]  # an unreadable record says so when read
+            top = max(known, default=-1) + 1
+            if top == claim or (top < claim and len(known) < len(starts)):
+                return None
+        return self.count_classes()
+
+    def count_classes(self) -> int:
+        """Max label + 1 over every image, by one pass that reads each record's header only.
+        Raises LabelError naming the key of a label that is not a class index."""
         top = -1
         for key in self.keys.tolist():
-            head, _ = unpack(self.reader.read(key))
-            cls = _label_to_class(head.label)
+            label = self._head_label(key)
+            cls = _label_to_class(label)
             if cls is None or cls < 0:
-                raise LabelError(f"{self.reader.rec_path}: key {key}: label {head.label} is not a class index")
+                raise LabelError(f"{self.reader.rec_path}: key {key}: label {label} is not a class index")
             top = max(top, cls)
+        log.info("%s: read the labels of %d images: %d classes (max label + 1)", self.reader.rec_path,
+                 self.keys.size, top + 1)
         return top + 1
+
+    def _head_label(self, key: int):
+        """The IRHeader label of record ``key``, read without its payload."""
+        try:
+            return first_label(self.reader.read_head(key, IR_SIZE + 4))
+        except RecordIOError:
+            raise
+        except ValueError as err:
+            raise BadSampleError(self._where(key) + f": unreadable image header: {err}") from None
 
     # ------------------------------------------------------------------ items
     def __len__(self) -> int:
@@ -377,28 +495,46 @@ class FaceRecordDataset(_BadSamplePolicy):
         if cls is None:
             raise BadSampleError(self._where(key) + f": label {label} is not a class index")
         if not 0 <= cls < self.num_classes:
-            raise LabelError(self._where(key) + f": label {cls} outside [0, {self.num_classes})")
+            said = " and ".join(self.class_claims) or "the labels"
+            raise LabelError(self._where(key) + f": label {cls} outside [0, {self.num_classes}) "
+                             f"(the class count of {said})")
         if self.check_labels != "off" and self._key_class is not None:
-            expected = int(self._key_class[key - 1])
-            if expected != cls:
-                self._range_disagreement(key, cls, expected)
+            why = self.range_disagreement(key, cls)
+            if why is not None:
+                self._range_disagreement(key, why)
         return cls
 
+    def range_label(self, identity: int) -> Optional[int]:
+        """The class of identity record ``identity``: the label of the first image of its range
+        (read once per process, when first needed); None when that record is unreadable or its
+        label not a class index (that record's own read says so; its range is not checked)."""
+        known = int(self._range_label[identity])
+        if known == _UNREAD:
+            try:
+                cls = _label_to_class(self._head_label(int(self.identity_ranges[identity, 0])))
+            except (RecordIOError, BadSampleError):
+                cls = None
+            known = _UNKNOWN if cls is None else cls
+            self._range_label[identity] = known
+        return None if known == _UNKNOWN else known
+
     def range_disagreement(self, key: int, label: int) -> Optional[str]:
-        """Why ``label`` of image ``key`` disagrees with the header's identity ranges, or None."""
+        """Why ``label`` of image ``key`` disagrees with the header's identity ranges (the first
+        image of the range holding ``key`` has another label), or None."""
         if self._key_class is None:
             return None
-        expected = int(self._key_class[key - 1])
-        if expected == label:
-            return None
-        if expected < 0:
+        identity = int(self._key_class[key - 1])
+        if identity < 0:
             return f"label {label}, but no identity range holds key {key}"
-        start, end = (int(v) for v in self.identity_ranges[expected])
-        return (f"label {label}, but key {key} lies in identity {expected}'s range [{start}, {end}) "
-                "(the label is used)")
+        expected = self.range_label(identity)
+        if expected is None or expected == label:
+            return None
+        start, end = (int(v) for v in self.identity_ranges[identity])
+        return (f"label {label}, but key {key} lies in identity {identity}'s range [{start}, {end}), "
+                f"whose first image (key {start}) has label {expected} (the label is used)")
 
-    def _range_disagreement(self, key: int, label: int, expected: int) -> None:
-        message = self._where(key) + ": " + self.range_disagreement(key, label)
+    def _range_disagreement(self, key: int, why: str) -> None:
+        message = self._where(key) + ": " + why
         if self.check_labels == "raise":
             raise LabelError(message + "; data.label_check=warn trains on the labels and warns")
         self.label_disagreements += 1

@@ -57,13 +57,18 @@ def _read_list_lines(list_path: PathLike) -> List[Tuple[Path, int, int]]:
     list_path = Path(list_path)
     base = list_path.parent
     items = []
+    seen: Dict[Path, int] = {}
     for lineno, line in enumerate(list_path.read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.rstrip("\n").split("\t")
-        if len(fields) < 2:
-            raise PackError(f"{list_path}:{lineno}: expected 'path<TAB>label', got {line[:80]!r}")
-        path_text, label_text = fields[0], fields[-1]
+        if len(fields) != 2:
+            hint = ""
+            if len(fields) > 2 and fields[0].strip().isdigit() and Path(fields[-1]).suffix.lower() in IMAGE_EXTENSIONS:
+                hint = " (this looks like an im2rec .lst, 'index<TAB>label<TAB>path': swap to 'path<TAB>label')"
+            raise PackError(f"{list_path}:{lineno}: expected 'path<TAB>label', got {len(fields)} "
+                            f"tab-separated field(s) in {line[:80]!r}{hint}")
+        path_text, label_text = fields
         try:
             label = int(float(label_text))
             if float(label_text) != label or label < 0:
@@ -74,7 +79,12 @@ def _read_list_lines(list_path: PathLike) -> List[Tuple[Path, int, int]]:
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise PackError(f"{list_path}:{lineno}: {path_text!r} has no image extension (accepted: "
                             f"{' '.join(IMAGE_EXTENSIONS)})")
-        items.append((path if path.is_absolute() else base / path, label, lineno))
+        path = path if path.is_absolute() else base / path
+        key = Path(os.path.normpath(path))
+        if key in seen:  # it would be packed twice
+            raise PackError(f"{list_path}:{lineno}: {path_text!r} is listed again (first on line {seen[key]})")
+        seen[key] = lineno
+        items.append((path, label, lineno))
     if not items:
         raise PackError(f"{list_path}: no entries")
     items.sort(key=lambda item: item[1])  # stable: keeps the file's order within a label

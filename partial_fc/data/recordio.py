@@ -19,8 +19,10 @@ import logging
 import mmap
 import numbers
 import os
+import re
 import struct
 import threading
+import warnings
 from array import array
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Union
@@ -35,6 +37,7 @@ __all__ = [
     "RecordIOWriter",
     "pack",
     "unpack",
+    "first_label",
     "read_idx_file",
 ]
 
@@ -134,49 +137,131 @@ def unpack(record: bytes):
     return _new_tuple(IRHeader, fields), bytes(record[IR_SIZE:])
 
 
+def first_label(head: bytes) -> float:
+    """The class label of record data that begins with an IRHeader: its label field, or with
+    ``flag > 0`` the first float32 label after it (what ``unpack`` reads, from the first
+    ``IR_SIZE + 4`` bytes). Raises ``ValueError`` when ``head`` is too short for it."""
+    if len(head) < IR_SIZE:
+        raise ValueError(f"record of {len(head)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
+    flag, label = struct.unpack_from("<If", head, 0)
+    if flag == 0:
+        return label
+    if len(head) < IR_SIZE + 4:
+        raise ValueError(f"IRHeader announces {flag} float32 labels but the record has only "
+                         f"{len(head) - IR_SIZE} bytes after the header")
+    return struct.unpack_from("<f", head, IR_SIZE)[0]
+
+
 def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def read_idx_file(idx_path: PathLike):
+_INT64_MAX = (1 << 63) - 1
+
+
+def read_idx_file(idx_path: PathLike, rec_path: Optional[PathLike] = None):
     """Parse a ``.idx`` file into ``(keys, offsets)`` int64 arrays, in file order.
 
-    Raises RecordIOError naming the line for a malformed entry.
+    Each non-blank line is ``key<TAB>offset`` (MXNet writes a TAB; any whitespace is accepted).
+    Raises RecordIOError naming the line (and its key) of a malformed entry, of a key or offset
+    that is not a 64-bit integer, and of an offset that cannot start a record of ``rec_path``:
+    negative, or (when ``rec_path`` is given) at or past its end.
     """
     idx_path = Path(idx_path)
-    text = idx_path.read_text(encoding="ascii", errors="replace")
-    tokens = text.split()
+    rec = None if rec_path is None else (Path(rec_path).name, Path(rec_path).stat().st_size)
     try:
-        if len(tokens) % 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy only warns about an empty file
+            table = np.loadtxt(idx_path, dtype=np.int64, comments=None, ndmin=2, encoding="ascii")
+        if table.shape[1] != 2:
             raise ValueError
-        flat = np.array(tokens, dtype=np.int64)
-    except (ValueError, OverflowError):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                int(fields[0]), int(fields[1])
-            except ValueError:
-                raise RecordIOError(
-                    f"malformed .idx line {lineno}: {line[:80]!r} (expected 'key<TAB>offset')",
-                    idx_path,
-                ) from None
-        raise RecordIOError("malformed .idx file", idx_path) from None
-    keys = flat[0::2].copy()
-    offsets = flat[1::2].copy()
-    if offsets.size and offsets.min() < 0:
-        bad = int(np.argmax(offsets < 0))
-        raise RecordIOError(f"negative offset {offsets[bad]} in .idx", idx_path, key=int(keys[bad]))
+        keys, offsets = table[:, 0].copy(), table[:, 1].copy()
+    except (ValueError, OverflowError, UserWarning):  # find the line, in Python
+        keys, offsets = _parse_idx_lines(idx_path, rec)
+    bad = np.flatnonzero((offsets < 0) | (offsets >= (rec[1] if rec else _INT64_MAX)))
+    if bad.size:
+        i = int(bad[0])
+        _raise_bad_offset(idx_path, _line_of_entry(idx_path, i), int(keys[i]), int(offsets[i]), rec)
     return keys, offsets
 
 
+_IDX_INT = re.compile(r"[+-]?[0-9]+\Z")
+
+
+def _parse_idx_lines(idx_path: Path, rec):
+    """:func:`read_idx_file` line by line: RecordIOError naming the first line that is not
+    ``key offset`` with a 64-bit key and an offset inside the ``.rec`` (``rec``: its name and
+    size, or None)."""
+    keys, offsets = [], []
+    text = idx_path.read_text(encoding="ascii", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not all(_IDX_INT.match(f) for f in fields):
+            raise RecordIOError(
+                f"malformed .idx line {lineno}: {line[:80]!r} (expected 'key<TAB>offset')", idx_path)
+        key, offset = int(fields[0]), int(fields[1])
+        if not -_INT64_MAX - 1 <= key <= _INT64_MAX:
+            raise RecordIOError(f"line {lineno}: key {key} does not fit a 64-bit integer", idx_path)
+        if offset < 0 or offset >= (rec[1] if rec else _INT64_MAX):
+            _raise_bad_offset(idx_path, lineno, key, offset, rec)
+        keys.append(key)
+        offsets.append(offset)
+    return np.array(keys, dtype=np.int64), np.array(offsets, dtype=np.int64)
+
+
+def _raise_bad_offset(idx_path: Path, lineno: int, key: int, offset: int, rec):
+    """RecordIOError for ``offset`` on line ``lineno``; ``rec``: (name, size) of the .rec or None."""
+    if offset < 0:
+        what = f"negative offset {offset}"
+    elif rec is not None:
+        what = f"offset {offset} lies past the end of {rec[0]} ({rec[1]} bytes)"
+        if offset <= _INT64_MAX:
+            what += ": the .rec is shorter than its .idx says (an incomplete copy?)"
+    else:
+        what = f"offset {offset} does not fit a 64-bit file offset"
+    if offset == (1 << 64) - 1:
+        what += " (2^64-1: a -1 written as unsigned)"
+    raise RecordIOError(f"line {lineno}: key {key}: {what}", idx_path)
+
+
+def _line_of_entry(idx_path: Path, index: int) -> int:
+    """1-based line number of the ``index``-th non-blank line of ``idx_path`` (for messages)."""
+    seen = -1
+    with open(idx_path, encoding="ascii", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return lineno
+    return seen + 1
+
+
+def _idx_lines_of_key(idx_path: PathLike, key: int) -> list:
+    """The line numbers of ``idx_path`` whose key is ``key`` (for messages)."""
+    lines = []
+    for lineno, line in enumerate(Path(idx_path).read_text(encoding="ascii", errors="replace").splitlines(), 1):
+        fields = line.split()
+        if fields and fields[0].lstrip("+-").isdigit() and int(fields[0]) == key:
+            lines.append(lineno)
+    return lines
+
+
 class DuplicateOffsetError(ValueError):
-    def __init__(self, message, key, offset):
+    """Two keys of an index point at one record (``keys``: both; ``key``: the later one)."""
+
+    def __init__(self, message, keys, offset):
         super().__init__(message)
-        self.key, self.offset = key, offset
+        self.keys, self.key, self.offset = keys, keys[-1], offset
+
+
+class DuplicateKeyError(ValueError):
+    """A key appears more than once in an index."""
+
+    def __init__(self, key):
+        super().__init__(f"key {key} appears more than once")
+        self.key = key
 
 
 class _KeyIndex:
@@ -199,13 +284,13 @@ class _KeyIndex:
             self._sorted_keys = keys[self._order]
             same = self._sorted_keys[1:] == self._sorted_keys[:-1]
             if n > 1 and np.any(same):
-                raise ValueError(f"key {int(self._sorted_keys[1:][same][0])} appears more than once")
+                raise DuplicateKeyError(int(self._sorted_keys[1:][same][0]))
         uniq, first, counts = np.unique(offsets, return_index=True, return_counts=True)
         if uniq.size != offsets.size:
             # two keys on one record: one of them would silently read the other's data
             off = int(uniq[np.argmax(counts > 1)])
             dups = keys[offsets == off][:2].tolist()
-            raise DuplicateOffsetError(f"keys {dups[0]} and {dups[1]} both point at offset {off}", dups[1], off)
+            raise DuplicateOffsetError(f"keys {dups[0]} and {dups[1]} both point at offset {off}", dups, off)
         nxt = np.searchsorted(uniq, offsets, side="right")
         self.ends = np.where(nxt < uniq.size, uniq[np.minimum(nxt, max(uniq.size - 1, 0))], file_size)
         # an .idx can point past the end of a truncated file: no record may end beyond it
@@ -272,7 +357,7 @@ class RecordIOReader:
         if self.idx_path is not None:
             if not self.idx_path.is_file():
                 raise FileNotFoundError(f"RecordIO index file not found: {self.idx_path}")
-            keys, offsets = read_idx_file(self.idx_path)
+            keys, offsets = read_idx_file(self.idx_path, self.rec_path)
         elif build_index:
             offsets = self.scan_offsets(progress=progress)
             keys = np.arange(offsets.size, dtype=np.int64)
@@ -282,10 +367,18 @@ class RecordIOReader:
         try:
             self._index = _KeyIndex(keys, offsets, self._file_size)
         except DuplicateOffsetError as err:
-            raise RecordIOError(str(err), self.idx_path, key=err.key, offset=err.offset) from None
-        except ValueError as err:
-            raise RecordIOError(str(err), self.idx_path) from None
+            raise RecordIOError(f"{err}{self._lines_of(err.keys)}", self.idx_path, key=err.key,
+                                offset=err.offset) from None
+        except DuplicateKeyError as err:
+            raise RecordIOError(f"{err}{self._lines_of([err.key])}", self.idx_path) from None
         self._keys_list = None
+
+    def _lines_of(self, keys) -> str:
+        """' (lines a, b)': where ``keys`` stand in the .idx (for messages)."""
+        if self.idx_path is None:
+            return ""
+        lines = sorted({n for key in keys for n in _idx_lines_of_key(self.idx_path, int(key))})
+        return f" (lines {', '.join(map(str, lines))})" if lines else ""
 
     # ------------------------------------------------------------------ file access
     def _ensure_open(self):
@@ -408,6 +501,19 @@ class RecordIOReader:
                 offset=offset,
             )
         return data
+
+    def read_head(self, key, size: int) -> bytes:
+        """The first ``size`` bytes of record ``key``'s data (all of it when shorter): from its
+        first frame alone when that holds them (a label without its image), else by ``read``."""
+        pos = self._position_or_raise(key)
+        offset, limit = self._index.offset_at[pos], self._index.end_at[pos]
+        if offset + 8 <= limit:
+            magic, lrec = _FRAME.unpack(self._pread(offset, 8))
+            cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+            if magic == MAGIC and offset + 8 + _align4(length) <= limit and (
+                    cflag == 0 or (cflag == 1 and length >= size)):
+                return self._pread(offset + 8, min(length, size))
+        return self.read(key)[:size]
 
     def read_at(self, offset: int) -> bytes:
         """The data of the record whose first frame starts at byte ``offset``."""

@@ -73,9 +73,12 @@ def read_bin_records(path: PathLike) -> Tuple[List[bytes], List[bool]]:
     try:
         obj = _BinUnpickler(io.BytesIO(data), str(path)).load()
     except pickle.UnpicklingError as err:
-        if str(err).startswith(str(path)):
+        if str(err).startswith(str(path)):  # a refused global, named by the unpickler
             raise
-        raise pickle.UnpicklingError(f"{path}: {err}") from err
+        if "may appear in a .bin" in str(err):  # a stand-in's refusal of its arguments
+            raise pickle.UnpicklingError(f"{path}: {err}") from err
+        raise ValueError(f"{path}: not a readable verification .bin (expected a pickle of (images, "
+                         f"issame)): {err}") from err
     except Exception as err:  # truncated or corrupt streams raise many kinds of errors
         raise ValueError(f"{path}: not a readable verification .bin ({err})") from err
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:

@@ -9,6 +9,7 @@ record keys, with each image's class label.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -18,10 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.datasets import IMAGE_EXTENSIONS
 from .embedding import embed_loader
 
+log = logging.getLogger(__name__)
+
 PathLike = Union[str, os.PathLike]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _to_chw(image: np.ndarray, size: Tuple[int, int], resize: bool, source: str) -> torch.Tensor:
@@ -41,10 +44,14 @@ class ImageFolderFaces(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotADirectoryError(f"no image folder at {self.root}")
-        self.paths = sorted(p for p in self.root.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in self.root.rglob("*") if p.is_file())
+        self.paths = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.paths:
             raise ValueError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        others = [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if others:
+            log.warning("%s: %d file(s) without an image extension not embedded, e.g. %s (image "
+                        "extensions: %s)", self.root, len(others), others[0], " ".join(IMAGE_EXTENSIONS))
         self.keys = [p.relative_to(self.root).as_posix() for p in self.paths]
         self.size, self.resize = tuple(size), resize
 
@@ -99,8 +106,10 @@ class RecordFaces(Dataset):
         reader = self._open()
         keys = sorted(int(k) for k in reader.keys)
         if keys and keys[0] == 0:
-            header, _ = unpack(reader.read(0))
-            if _header_field(header, "flag", 0) > 0:  # InsightFace header record: images 1..N
+            header, payload = unpack(reader.read(0))
+            # InsightFace header record (flag >= 2, no image): images 1..N; an im2rec image at key 0
+            # with an array label is an image like the others
+            if _header_field(header, "flag", 0) >= 2 and not payload:
                 end = int(_first_label(_header_field(header, "label", 1)))
                 return [k for k in keys if 1 <= k < end]
         return keys

@@ -43,6 +43,9 @@ def pair_distances(emb1, emb2) -> np.ndarray:
     return np.sum(diff * diff, axis=1)
 
 
+FOLDS = 10  # the verification protocol's folds (insightface, LFW)
+
+
 def fold_slices(n: int, folds: int) -> Sequence[slice]:
     """Contiguous folds of n items; the first `n % folds` get one extra (sklearn KFold)."""
     if folds < 2 or folds > n:
@@ -62,7 +65,7 @@ def _correct_counts(dist: np.ndarray, same: np.ndarray, thresholds: np.ndarray) 
     return tp + (neg.size - fp)
 
 
-def lfw_accuracy(emb1, emb2, issame, folds: int = 10,
+def lfw_accuracy(emb1, emb2, issame, folds: int = FOLDS,
                  thresholds: np.ndarray = LFW_THRESHOLDS) -> Tuple[float, float]:
     """Mean and std of the k-fold verification accuracy (see the module docstring).
 

@@ -37,11 +37,23 @@ class VerificationSet:
 
 
 def load_verification_set(path: PathLike, image_size: Optional[Tuple[int, int]] = (112, 112),
-                          name: Optional[str] = None, progress: bool = True) -> VerificationSet:
-    """Decode a `.bin` into a `VerificationSet` named after the file (lfw.bin -> "lfw")."""
+                          name: Optional[str] = None, progress: bool = True,
+                          folds: Optional[int] = None) -> VerificationSet:
+    """Decode a `.bin` into a `VerificationSet` named after the file (lfw.bin -> "lfw"); with
+    `folds`, a set of fewer pairs than that protocol scores raises ValueError naming the file."""
     path = Path(path)
     images, issame = load_bin(path, image_size=image_size, progress=progress)
+    if folds is not None:
+        check_folds(path, issame.shape[0], folds)
     return VerificationSet(name or path.stem, to_chw_tensor(images), issame)
+
+
+def check_folds(source, num_pairs: int, folds: int) -> None:
+    """A set of `num_pairs` pairs can be scored by the `folds`-fold protocol, else ValueError
+    naming `source`."""
+    if not 2 <= folds <= num_pairs:
+        raise ValueError(f"{source}: {num_pairs} pairs cannot be scored by the {folds}-fold protocol "
+                         f"(it needs 2 <= folds <= pairs)")
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,7 +77,7 @@ def clear_cache() -> None:
     _cached_set.cache_clear()
 
 
-def evaluate_pairs(embeddings: np.ndarray, issame: np.ndarray, folds: int = 10,
+def evaluate_pairs(embeddings: np.ndarray, issame: np.ndarray, folds: int = metrics.FOLDS,
                    fars: Sequence[float] = metrics.DEFAULT_FARS) -> Dict[str, object]:
     """Metrics of one pair set from L2-normalised embeddings in pair order (rows 2i, 2i+1).
 
@@ -94,7 +106,7 @@ def evaluate_pairs(embeddings: np.ndarray, issame: np.ndarray, folds: int = 10,
 def evaluate_bins(model: nn.Module,
                   bin_paths_or_loaded: Iterable[Union[PathLike, VerificationSet]],
                   batch_size: int = 128, device: Optional[Union[str, torch.device]] = None,
-                  flip: bool = True, folds: int = 10,
+                  flip: bool = True, folds: int = metrics.FOLDS,
                   image_size: Optional[Tuple[int, int]] = (112, 112),
                   autocast_dtype: Optional[torch.dtype] = None,
                   keep_scores: bool = False, progress: bool = False) -> Dict[str, Dict[str, object]]:
@@ -115,6 +127,7 @@ def evaluate_bins(model: nn.Module,
         vset = _as_set(source, image_size)
         if vset.name in results:
             raise ValueError(f"two verification sets are named {vset.name!r}")
+        check_folds(source if not isinstance(source, VerificationSet) else vset.name, vset.num_pairs, folds)
         emb, norms = embed_images(model, vset.images, batch_size=batch_size, device=device,
                                   flip=flip, autocast_dtype=autocast_dtype, progress=progress,
                                   desc=f"embedding {vset.name}")

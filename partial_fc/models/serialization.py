@@ -64,8 +64,13 @@ def save_backbone(path: Union[str, os.PathLike], model: nn.Module, name: str,
         payload = {"name": str(name), "kwargs": dict(model_kwargs or {}), "state_dict": state}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file object: a failed write (full disk) chains its OSError
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

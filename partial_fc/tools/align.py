@@ -45,7 +45,7 @@ def left_out_note(report: dict, report_path: Path) -> str:
     """One line on the photos `report` (align_folder's) left out, why, and what to do; "" when
     every photo was aligned."""
     reasons = {"several_faces": "with several faces", "no_face": "with no face found",
-               "unreadable": "unreadable"}
+               "unreadable": "unreadable", "no_landmarks": "without a line in the landmark file"}
     counts = {key: len(report.get(key, [])) for key in reasons}
     total = sum(counts.values())
     if not total:

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="IJB: do not weight faces by their detector score")
     parser.add_argument("--normalize-faces", action="store_true",
                         help="IJB: L2-normalise each face before pooling (drops the norm)")
-    parser.add_argument("--folds", type=int, default=10)
+    parser.add_argument("--folds", type=int, default=metrics.FOLDS,
+                        help=f"folds of the verification protocol (default {metrics.FOLDS})")
     parser.add_argument("-o", "--output-dir", type=Path,
                         help="where eval.json and roc.png go (default: <model dir>/eval)")
     add_inference_arguments(parser)

@@ -20,6 +20,7 @@ from partial_fc.eval.onnx_model import export_and_check
 from partial_fc.models import (INSIGHTFACE_ARCHITECTURES, MODEL_NAMES, infer_architecture, load_backbone,
                                save_backbone, stored_backbone_name)
 from partial_fc.tools.common import tool_main
+from partial_fc.outputs import writing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = load_backbone(args.checkpoint, arch=args.arch)
     if args.format == "insightface":
         arch, _ = infer_architecture(model.state_dict())
-        path = save_backbone(args.output, model, arch, format="insightface")
+        with writing(args.output, "the backbone"):
+            path = save_backbone(args.output, model, arch, format="insightface")
         print(json.dumps({"path": str(path), "arch": arch}))
         return 0
     result = export_and_check(model, args.output, tolerance=args.tolerance, opset=args.opset,

@@ -14,8 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pfc-inspect",
         description="Header, counts, label range and a histogram of images per identity of a RecordIO "
         "face dataset (a folder with train.rec/train.idx/property, or a .rec file). Exit status: 0 "
-        "clean, 1 broken records, 2 the set does not open, 3 only labels that disagree with the "
-        "identity ranges (warnings).",
+        "clean, 1 broken records or a class count training refuses, 2 the set does not open, 3 only "
+        "warnings (labels that disagree with the identity ranges, surplus identity records).",
     )
     p.add_argument("path", help="dataset folder or .rec file")
     p.add_argument("--verify", action="store_true", help="read and decode every record and list the broken ones")

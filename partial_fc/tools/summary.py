@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from partial_fc.tools.common import tool_main
 from pathlib import Path
+
+from partial_fc.tools.common import tool_main
 
 
 def format_summary(summary: dict) -> str:
@@ -37,7 +38,17 @@ def main(argv=None) -> int:
     if not path.is_file():
         print(f"error: {path} not found (did the run finish?)", file=sys.stderr)
         return 1
-    print(format_summary(json.loads(path.read_text())))
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a readable run summary (JSON: {err})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not a run summary of launch/train.py (a JSON {type(summary).__name__}, "
+                         "expected an object)")
+    try:
+        print(format_summary(summary))
+    except KeyError as err:
+        raise ValueError(f"{path}: not a run summary of launch/train.py (it has no {err} entry)") from None
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
@@ -14,6 +15,7 @@ import npc_head
 
 from ..optim import build_classifier_optimizer
 from ..classifier import PartialFC
+from .config import ConfigError
 from .stop import StopRequest
 from .trainer import AUTOCAST_DTYPES, Trainer, TrainSettings, stop_request_for
 
@@ -42,7 +44,10 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
 
     model = get_model(model_cfg.name, **backbone_kwargs(model_cfg))
     if model_cfg.pretrained:
-        load_pretrained(model, str(model_cfg.pretrained))
+        try:
+            load_pretrained(model, str(model_cfg.pretrained))
+        except (ValueError, OSError) as err:  # the file's refusal, named by its key
+            raise ConfigError(f"model.pretrained: {err}") from None
     return model
 
 
@@ -177,7 +182,7 @@ class PreparedData:
 def prepare_data(data_cfg: DictConfig, is_local_main: bool) -> PreparedData:
     """Find (or generate) the dataset ``data.*`` describes, open it and check
     ``data.num_classes`` and ``data.val_bins``."""
-    from .data import check_num_classes, ensure_synthetic, existing_root, open_dataset, resolve_val_bins
+    from .data import ensure_synthetic, existing_root, open_dataset, resolve_val_bins
 
     fmt = str(data_cfg.format)
     if fmt == "synthetic":
@@ -186,9 +191,9 @@ def prepare_data(data_cfg: DictConfig, is_local_main: bool) -> PreparedData:
     else:
         root = existing_root(data_cfg.root)
     label_check = str(data_cfg.label_check) if fmt != "folder" else None
-    dataset = open_dataset(fmt, root, str(data_cfg.on_bad_image), label_check)
-    return PreparedData(root, dataset, check_num_classes(data_cfg.num_classes, dataset),
-                        resolve_val_bins(data_cfg.val_bins, root))
+    num_classes = None if data_cfg.num_classes is None else int(data_cfg.num_classes)
+    dataset = open_dataset(fmt, root, str(data_cfg.on_bad_image), label_check, num_classes)
+    return PreparedData(root, dataset, int(dataset.num_classes), resolve_val_bins(data_cfg.val_bins, root))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: torch.device, group=None,
@@ -196,6 +201,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: to
     """Every training object, built from the config; ``group``: the process group of the run
     (it must exist already; None: one process)."""
     from ..data import DistributedShardSampler
+    from ..eval.metrics import FOLDS  # what the validator scores with
     from ..eval.verification import load_verification_set
     from ..models import save_backbone
     from .data import AugmentedFaces, BatchStream
@@ -203,6 +209,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: to
     seed = int(cfg.trainer.seed)
     sampler = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=True,
                                       seed=seed, drop_last=bool(cfg.data.drop_last))
+    per_epoch = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=False,
+                                        drop_last=bool(cfg.data.drop_last))
+    if len(per_epoch) < int(cfg.data.batch_size):  # said now, on every rank, not at the first step
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than a rank's share of the data set "
+                          f"({len(data.dataset)} images over {world_size} rank(s): {len(per_epoch)} per epoch)")
     # Workers ship uint8 batches and the trainer normalises them on its device: a quarter of the
     # bytes through shared and pinned memory (bench/RESULTS.md, "Data loader").
     batches = BatchStream(AugmentedFaces(data.dataset, seed), sampler, int(cfg.data.batch_size),
@@ -212,7 +223,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: to
         backbone = backbone.to(memory_format=torch.channels_last)
     classifier = build_classifier(cfg, data.num_classes, group).to(device)
     backbone_optimizer, classifier_optimizer = build_optimizers(cfg.optim, backbone, classifier)
-    val_sets = [load_verification_set(p, progress=False) for p in data.val_paths]
+    try:
+        val_sets = [load_verification_set(p, progress=False, folds=FOLDS) for p in data.val_paths]
+    except (ValueError, OSError, pickle.UnpicklingError) as err:  # the file's refusal, named by its key
+        raise ConfigError(f"data.val_bins: {err}") from None
     model_name, kwargs = str(cfg.model.name), backbone_kwargs(cfg.model)
 
     def write_backbone(path):

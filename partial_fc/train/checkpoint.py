@@ -22,6 +22,7 @@ it decides what goes into which file, how it re-shards and how it loads.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from ..sharding import shard_range
 from . import rng
 from .agreement import rank_spans
+from ..outputs import OutputError, writing
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +57,76 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary name, fsync, rename into place."""
+def atomic_torch_save(obj: Any, path: Path, what: str = "checkpoint file") -> None:
+    """torch.save to a temporary name, fsync, rename into place; a write that fails (a full
+    disk) removes the temporary file and raises OutputError naming ``path`` and the reason."""
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, what), _removed_on_failure(tmp):
+        with open(tmp, "wb") as f:  # a file object: torch.save then chains the OSError of a write
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, what: str = "checkpoint file") -> None:
+    """Write ``text`` to a temporary name, fsync, rename into place (OutputError as above)."""
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, what), _removed_on_failure(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: Path):
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or does not fit this run; the message names the
     file and what was expected against what was found."""
+
+
+class CheckpointWriteError(OutputError):
+    """A checkpoint could not be written (raised on every rank): the message names the step, the
+    rank and file that failed and why, and the newest complete checkpoint, which is intact."""
+
+
+def read_manifest(path: Path) -> Dict:
+    """``MANIFEST.json`` of checkpoint ``path``; CheckpointError naming it when unreadable."""
+    manifest = path / MANIFEST
+    try:
+        value = json.loads(manifest.read_text())
+        if not isinstance(value, dict) or not {"num_classes", "world_size"} <= set(value):
+            raise ValueError("expected an object with num_classes and world_size")
+        return value
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{manifest}: not a readable checkpoint manifest ({err})") from None
+
+
+def check_manifest(path: Path, num_classes: int, expected: Dict) -> Dict:
+    """The manifest of checkpoint ``path``, checked against this run before anything is loaded:
+    its ``num_classes`` and every entry of ``expected`` (model, head) must be this run's, else
+    CheckpointError naming the file, the key and both values."""
+    manifest = read_manifest(path)
+    wanted = {"num_classes": num_classes, **expected}
+    differ = [f"{key}={manifest[key]} (this run: {value})" for key, value in wanted.items()
+              if key in manifest and str(manifest[key]) != str(value)]
+    if differ:
+        raise CheckpointError(
+            f"{path / MANIFEST}: the checkpoint was written with {', '.join(differ)}; this run folder holds "
+            "another run: name a new one (run_name=... or hydra.run.dir=...) or start afresh "
+            "(trainer.resume=none)")
+    return manifest
 
 
 def load(path: Path) -> Any:
@@ -175,7 +224,7 @@ def needed_files(path: Path, num_classes: int, world_size: int, rank: int) -> Li
     """The files of checkpoint ``path`` that ``rank`` of ``world_size`` reads on resume: its
     classifier shard(s) (those of the old ranks whose rows overlap its class range, when the
     world size changed), and on rank 0 the trainer state. Other ranks receive that from rank 0."""
-    old_world = int(json.loads((path / MANIFEST).read_text())["world_size"])
+    old_world = int(read_manifest(path)["world_size"])
     names = ["trainer.pt"] if rank == 0 else []
     if old_world == world_size:
         return names + [f"shard_{rank:05d}.pt"]
@@ -282,37 +331,70 @@ class CheckpointWriter:
         and the lowest rank that sees a directory completes it (``MANIFEST.json``, rename,
         ``latest``, pruning). On a shared filesystem that is rank 0 alone; with per-node run
         directories each node's copy holds its ranks' shards and rank 0's also the trainer state.
+        A write that fails on any rank (a full disk) raises CheckpointWriteError on every rank
+        after the half-written folder is removed; the previous checkpoint and ``latest`` stay.
         """
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
-        if self.rank == 0:
+        self._agree(step, tmp, self._attempt(self._prepare, tmp) if self.rank == 0 else None)
+        self._agree(step, tmp, self._attempt(self._write_files, tmp, main_state, shard_state, backbone_writer))
+        seen = sorted(int(p.name[6:11]) for p in tmp.glob("shard_*.pt"))
+        completes = bool(seen) and seen[0] == self.rank
+        _barrier(self.group)  # every rank has looked before any directory is renamed
+        error = self._attempt(self._complete, tmp, final, {**manifest, "step": step,
+                                                          "world_size": self.world_size}) if completes else None
+        self._agree(step, tmp, error)
+        return final
+
+    def _prepare(self, tmp: Path) -> None:
+        with writing(tmp, "the checkpoint folder"):
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-        _barrier(self.group)
-        tmp.mkdir(parents=True, exist_ok=True)  # a node whose disk rank 0 does not write
-        atomic_torch_save(shard_state, tmp / f"shard_{self.rank:05d}.pt")
+
+    def _write_files(self, tmp: Path, main_state: Dict, shard_state: Dict, backbone_writer) -> None:
+        with writing(tmp, "the checkpoint folder"):
+            tmp.mkdir(parents=True, exist_ok=True)  # a node whose disk rank 0 does not write
+        atomic_torch_save(shard_state, tmp / f"shard_{self.rank:05d}.pt", "the classifier shard")
         if self.rank == 0:
-            atomic_torch_save(main_state, tmp / "trainer.pt")
+            atomic_torch_save(main_state, tmp / "trainer.pt", "the trainer state")
             if backbone_writer is not None:
-                backbone_writer(tmp / "backbone.pt")
-        _barrier(self.group)
-        seen = sorted(int(p.name[6:11]) for p in tmp.glob("shard_*.pt"))
-        completes = bool(seen) and seen[0] == self.rank
-        _barrier(self.group)  # every rank has looked before any directory is renamed
-        if completes:
-            atomic_write_text(tmp / MANIFEST, json.dumps({**manifest, "step": step,
-                                                          "world_size": self.world_size}, indent=1))
-            _fsync_dir(tmp)
+                with writing(tmp / "backbone.pt", "the backbone"):
+                    backbone_writer(tmp / "backbone.pt")
+
+    def _complete(self, tmp: Path, final: Path, manifest: Dict) -> None:
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1), "the checkpoint manifest")
+        _fsync_dir(tmp)
+        with writing(final, "the checkpoint folder"):
             if final.exists():  # the same step saved again (e.g. a re-run after a crash)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
-            atomic_write_text(self.root / LATEST, final.name + "\n")
-            self._prune()
-        _barrier(self.group)
-        return final
+        _fsync_dir(self.root)
+        atomic_write_text(self.root / LATEST, final.name + "\n", "the latest-checkpoint pointer")
+        self._prune()
+
+    @staticmethod
+    def _attempt(write: Callable, *args) -> Optional[str]:
+        """Run ``write``; the message of the OutputError it raises, or None."""
+        try:
+            write(*args)
+        except OutputError as err:
+            return str(err)
+        return None
+
+    def _agree(self, step: int, tmp: Path, error: Optional[str]) -> None:
+        """Collective (in place of a barrier): every rank learns whether a write failed on any;
+        then the half-written ``tmp`` is removed and every rank raises CheckpointWriteError."""
+        failed = [(r, e) for r, e in enumerate(_gather(error, self.world_size, self.group)) if e]
+        if not failed:
+            return
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took, back (a full disk)
+        done = complete_checkpoints(self.root)
+        newest = (f"the newest complete checkpoint is {done[-1]} (trainer.resume=auto continues from it)"
+                  if done else "no complete checkpoint exists yet")
+        rank, message = failed[0]
+        raise CheckpointWriteError(f"checkpoint of step {step} not written: rank {rank}: {message}; {newest}")
 
     def _prune(self) -> None:
         done = complete_checkpoints(self.root)
@@ -357,7 +439,7 @@ def load_shard_rows(path: Path, num_classes: int, world_size: int, rank: int) ->
     checkpoint had this very world size (then RNG states and other per-rank entries are this
     rank's own).
     """
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
     old_world = int(manifest["world_size"])
     if int(manifest["num_classes"]) != num_classes:
         raise CheckpointError(
@@ -472,17 +554,26 @@ class Checkpointer:
 
     def load(self, path: Path, main_from_rank0: bool = False) -> None:
         """Restore every object from checkpoint ``path``; ``main_from_rank0``: ``trainer.pt``
-        comes from rank 0 (nodes that do not share a filesystem have only their own shards)."""
+        comes from rank 0 (nodes that do not share a filesystem have only their own shards).
+        The manifest is checked first (:func:`check_manifest`): a run folder of another run is
+        named as such, before any state (the sampler's data set length) disagrees."""
+        check_manifest(path, self.classifier.num_classes, self.manifest)
         main_path = path / "trainer.pt"
         if main_from_rank0:
             main = broadcast_main_state(load(main_path) if self.rank == 0 else None, self.group)
         else:
             main = load(main_path)
         for name, obj in self.states.items():
+            if name not in main:
+                raise CheckpointError(f"{main_path}: holds no {name!r} (it has: {', '.join(sorted(main))})")
             if isinstance(obj, torch.nn.Module):
                 load_into(obj, main[name], main_path, name)
-            else:
+                continue
+            try:
                 obj.load_state_dict(main[name])
+            except (ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{main_path}: the {name} state does not fit this run ({err}); was the "
+                                      "checkpoint written for another data set or config?") from None
         self.progress.load_state_dict({k: v for k, v in main.items() if k not in self.states})
         step = int(main["step"])
         shard, same_layout = load_shard_rows(path, self.classifier.num_classes, self.world_size, self.rank)

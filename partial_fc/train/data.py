@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.datasets import drop_skipped
+from ..data.datasets import LabelError, drop_skipped
 from ..data.transforms import flip_image, normalize_image
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,16 @@ def ensure_synthetic(cache_dir: str, params: Dict, is_local_main: bool, timeout_
         return root
     if is_local_main:
         from ..data import generate_synthetic
+        from ..outputs import writing
 
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         params = dict(params)
         log.info("generating synthetic identities into %s: %s", root, params)
-        summary = generate_synthetic(tmp, **params)
-        (tmp / "COMPLETE").write_text(json.dumps(summary, default=str, indent=1))
+        with writing(tmp, "the synthetic data set (data.cache_dir)"):
+            tmp.mkdir(parents=True)
+            summary = generate_synthetic(tmp, **params)
+            (tmp / "COMPLETE").write_text(json.dumps(summary, default=str, indent=1))
         try:
             os.replace(tmp, root)
         except OSError:  # another node generated it first (identical content)
@@ -189,40 +191,50 @@ FORMATS = ("synthetic", "recordio", "folder")
 
 
 def existing_root(root: str) -> Path:
-    """``data.root`` as an absolute path; FileNotFoundError naming the key when it is absent."""
+    """``data.root`` as an absolute path; ConfigError naming the key when it is absent."""
+    from .config import ConfigError  # config imports FORMATS from here
+
     path = Path(str(root)).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(f"data.root: {path} does not exist")
+        raise ConfigError(f"data.root: {path} does not exist")
     return path
 
 
 TRAIN_IMAGE_SIZE = (112, 112)  # the aligned face crop every backbone here takes
 
 
-def open_dataset(fmt: str, root: Path, on_bad_image: str, label_check: str):
+def open_dataset(fmt: str, root: Path, on_bad_image: str, label_check: str, num_classes: Optional[int] = None):
     """The raw (uint8 image, label) dataset in ``root`` (``data.format``); an image that is not
-    112x112 is a bad sample (``on_bad_image``: raise | skip), named by its file or key; a
-    RecordIO label that disagrees with the header's identity ranges does what ``label_check``
-    (``data.label_check``) says."""
+    112x112 is a bad sample (``on_bad_image``: raise | skip), named by its file or key, and a
+    RecordIO set whose ``property`` says another size is refused at once; a RecordIO label that
+    disagrees with the header's identity ranges does what ``label_check`` (``data.label_check``)
+    says. ``num_classes`` (``data.num_classes``, None: counted) is checked against the set; a
+    RecordIO set takes it without reading its labels when nothing in the set disagrees."""
     from ..data import FaceRecordDataset, ImageFolderDataset
 
     if fmt == "folder":
-        return ImageFolderDataset(root, on_bad_image=on_bad_image, image_size=TRAIN_IMAGE_SIZE)
-    return FaceRecordDataset(root, on_bad_image=on_bad_image, image_size=TRAIN_IMAGE_SIZE,
-                             check_labels=str(label_check))
+        dataset = ImageFolderDataset(root, on_bad_image=on_bad_image, image_size=TRAIN_IMAGE_SIZE)
+    else:
+        dataset = FaceRecordDataset(root, on_bad_image=on_bad_image, image_size=TRAIN_IMAGE_SIZE,
+                                    check_labels=str(label_check), num_classes=num_classes,
+                                    num_classes_key="data.num_classes")
+    check_num_classes(num_classes, dataset)
+    return dataset
 
 
 def check_num_classes(wanted: Optional[int], dataset) -> int:
     """The dataset's class count; a disagreeing ``wanted`` (``data.num_classes``, None: any)
-    raises naming the key."""
+    raises LabelError naming the key."""
     found = int(dataset.num_classes)
     if wanted is not None and int(wanted) != found:
-        raise ValueError(f"data.num_classes={wanted} but the dataset has {found} classes")
+        raise LabelError(f"data.num_classes={wanted} but the dataset has {found} classes ({dataset.root})")
     return found
 
 
 def resolve_val_bins(entries: Optional[Sequence], root: Path) -> List[Path]:
     """Paths of ``data.val_bins`` entries: a path, or a name of ``<root>/<name>.bin``."""
+    from .config import ConfigError  # config imports FORMATS from here
+
     paths = []
     for entry in entries or []:
         candidate = Path(str(entry)).expanduser()
@@ -231,6 +243,6 @@ def resolve_val_bins(entries: Optional[Sequence], root: Path) -> List[Path]:
         if not candidate.is_absolute():
             candidate = root / candidate
         if not candidate.is_file():
-            raise FileNotFoundError(f"data.val_bins: {entry!r} not found (looked for {candidate})")
+            raise ConfigError(f"data.val_bins: {entry!r} not found (looked for {candidate})")
         paths.append(candidate.resolve())
     return paths

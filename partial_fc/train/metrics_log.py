@@ -9,6 +9,8 @@ from typing import Dict
 
 import torch
 
+from ..outputs import writing
+
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records of steps after ``last_step`` (they will be re-run after a resume), atomically."""
@@ -36,7 +38,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 class MetricLogger:
     """Writes scalar records to TensorBoard and ``metrics.jsonl`` (one JSON object per line with
-    ``step``); a no-op on ranks other than 0."""
+    ``step``); a no-op on ranks other than 0. A log that cannot be written (a file where its
+    folder must be, a full disk) raises OutputError naming it."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
@@ -46,12 +49,14 @@ class MetricLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.jsonl"
-        truncate_metrics(path, resume_step)
-        # purge_step hides events of steps that a resumed run repeats.
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
-        self.jsonl = open(path, "a", buffering=1)
+        self.path = run_dir / "metrics.jsonl"
+        with writing(self.path, "the metrics log"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path, resume_step)
+            self.jsonl = open(self.path, "a", buffering=1)
+        with writing(run_dir / "tensorboard", "the TensorBoard log"):
+            # purge_step hides events of steps that a resumed run repeats.
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
 
     def log(self, step: int, record: Dict[str, float]) -> None:
         if not self.enabled:
@@ -61,7 +66,8 @@ class MetricLogger:
             value = float(value)
             clean[key] = value if math.isfinite(value) else str(value)
             self.writer.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        with writing(self.path, "the metrics log"):
+            self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
 
     def histogram(self, step: int, name: str, values: torch.Tensor) -> None:
         """A TensorBoard histogram of the finite ``values`` (none: nothing is written; a skipped

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import validate_config
 from .env import DistEnv, detect_env, init_distributed, job_namespace, select_device
+from ..outputs import writing
 from .preflight import preflight_mode
 
 log = logging.getLogger("partial_fc.train")
@@ -74,8 +75,9 @@ def run_preflight(cfg: DictConfig, run_dir: Path, num_classes: int, env: DistEnv
         log.info("%s", format_report(report))
         for warning in report.warnings:
             log.warning("preflight: %s", warning)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "preflight.json").write_text(json.dumps(report.to_dict(), indent=1))
+        with writing(run_dir / "preflight.json", "the preflight report"):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "preflight.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
 
 
@@ -107,8 +109,9 @@ def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
                 return {"preflight": report.to_dict(), "world_size": env.world_size, "launcher": env.launcher}
             _setup_determinism(int(cfg.trainer.seed), bool(cfg.trainer.deterministic), env.rank)
             if env.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                with writing(run_dir / "config.yaml", "the resolved config"):
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             group = dist.group.WORLD if env.distributed else None
             trainer = builders.build_trainer(cfg, run_dir, data, device, group, env.rank, env.world_size,
                                              stop_request)
@@ -116,7 +119,8 @@ def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
             summary.update(world_size=env.world_size, launcher=env.launcher, device=str(device),
                            num_classes=data.num_classes, dataset=str(data.root))
             if env.is_main:
-                (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+                with writing(run_dir / "summary.json", "the run summary"):
+                    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             return summary
         finally:
             if dist.is_initialized():

@@ -191,3 +191,26 @@ def test_report_lists_photos_with_no_face_several_faces_and_unreadable_ones(dete
     assert kept["aligned"] == 2 and kept["several_faces_kept"] == [str(src / "p" / "group.png")]
     [group_entry] = [e for e in kept["entries"] if e["photo"].endswith("group.png")]
     assert np.all(np.asarray(group_entry["landmarks"])[:, 0] > 260)  # the larger face, on the right
+
+
+def test_photos_the_landmark_file_does_not_list_are_counted_and_reported(tmp_path, capsys):
+    # facenet#794, AM-Softmax#24: one identity's 3 photos had no lines and appeared nowhere
+    src, rows = tmp_path / "src", []
+    for person in ("a", "b"):
+        for k in range(3):
+            points = _marked_photo(src / person / f"{k}.png", _similarity(3 * k, 1.3, (25, 20)))
+            if person == "a":
+                rows.append((f"./{person}/{k}.png", points))  # a "./" prefix names the same photo
+    landmarks = _write_landmarks(tmp_path / "points.txt", rows)
+    out = tmp_path / "out"
+    assert align_tool.main([str(src), str(out), "--landmarks", str(landmarks), "--workers", "1",
+                            "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert (summary["photos"], summary["aligned"]) == (6, 3)
+    assert summary["no_landmarks"] == [str(src / "b" / f"{k}.png") for k in range(3)]
+    assert captured.err.strip() == (f"pfc-align: left out 3 of 6 photo(s) (3 without a line in the landmark "
+                                    f"file); {out / 'align_report.json'} lists them")
+    report = json.loads((out / "align_report.json").read_text())
+    assert sorted(e["status"] for e in report["entries"]) == ["aligned"] * 3 + ["no_landmarks"] * 3
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == ["a/0.jpg", "a/1.jpg", "a/2.jpg"]

@@ -112,3 +112,32 @@ def test_a_recordio_folder_given_as_a_folder_set_says_what_to_pass(tmp_path):
     root = _rec_with_sizes(tmp_path / "mine", [(8, 8)], (8, 8))
     with pytest.raises(LabelError, match=rf"{root}: no identity folders .*data=rec data.root={root}"):
         ImageFolderDataset(root)
+
+
+def test_images_outside_the_identity_folder_layout_are_reported_not_dropped_silently(tmp_path, caplog):
+    src = _orl_like(tmp_path / "orl")
+    nested = src / "s1" / "more"  # one level too deep: not read
+    nested.mkdir()
+    for k in range(2):
+        Image.new("L", (92, 112)).save(nested / f"{k}.pgm")
+    Image.new("L", (92, 112)).save(src / "loose.pgm")  # beside the identity folders
+    with caplog.at_level("WARNING"):
+        ds = ImageFolderDataset(src)
+    assert len(ds) == 6 and ds.num_classes == 2
+    assert {p.relative_to(src).as_posix() for p in ds.ignored_files} == {
+        "loose.pgm", "s1/more", "s1/Thumbs.db", "s1/notes.txt", "s2/Thumbs.db"}
+    assert any("5 file(s) or folder(s) outside the layout <identity>/<image> ignored" in m
+               and "2 image(s) lie in ignored folders" in m for m in caplog.messages)
+
+
+def test_extraction_takes_the_image_extensions_of_the_data_sets(tmp_path, caplog):
+    from partial_fc.data.datasets import IMAGE_EXTENSIONS
+    from partial_fc.eval.extraction import ImageFolderFaces
+
+    for k, ext in enumerate(IMAGE_EXTENSIONS):
+        Image.new("RGB", (112, 112), (k, k, k)).save(tmp_path / f"face{k}{ext}")
+    (tmp_path / "notes.txt").write_text("not a face")
+    with caplog.at_level("WARNING"):
+        faces = ImageFolderFaces(tmp_path)
+    assert sorted(faces.keys) == sorted(f"face{k}{ext}" for k, ext in enumerate(IMAGE_EXTENSIONS))
+    assert any("1 file(s) without an image extension not embedded" in m for m in caplog.messages)

@@ -1,6 +1,7 @@
 """Corrupted RecordIO files give RecordIOError naming the file, the key and the byte offset."""
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -37,13 +38,21 @@ def test_truncated_tail(insightface_copy):
     rec = insightface_copy / "train.rec"
     offs = _offsets(insightface_copy)
     rec.write_bytes(rec.read_bytes()[: offs[24] + 100])  # cut inside image 24; identity records gone
+    size = offs[24] + 100
+    # the .idx names records past the cut: the first check names its line, key, offset and the size
+    with pytest.raises(RecordIOError, match=rf"train\.idx: line 26: key 25: offset {offs[25]} lies past the end "
+                                            rf"of train\.rec \({size} bytes\): the \.rec is shorter than its "
+                                            r"\.idx says"):
+        RecordIOReader(rec)
+    with pytest.raises(RecordIOError, match="line 26: key 25"):
+        FaceRecordDataset(insightface_copy)
+    # an .idx of the records that start before the cut: the cut record is named when read
+    idx = insightface_copy / "train.idx"
+    idx.write_text("".join(f"{k}\t{o}\n" for k, o in offs.items() if o < size))
     reader = RecordIOReader(rec)
     with pytest.raises(RecordIOError, match=r"key 24: offset %d: truncated record" % offs[24]):
         reader.read(24)
-    with pytest.raises(RecordIOError, match=r"key 25: offset %d: offset is past the end" % offs[25]):
-        reader.read(25)
-    with pytest.raises(RecordIOError, match="key 25"):
-        FaceRecordDataset(insightface_copy)
+    assert reader.read(23)
 
 
 def test_damaged_length_never_reads_into_the_next_record(insightface_copy):
@@ -100,27 +109,68 @@ def test_key_missing_from_idx(insightface_copy):
 
 def test_offset_past_end_and_malformed_idx(insightface_copy):
     idx = insightface_copy / "train.idx"
+    size = (insightface_copy / "train.rec").stat().st_size
     lines = idx.read_text().splitlines(True)
     lines[4] = "4\t999999\n"
     idx.write_text("".join(lines))
-    with pytest.raises(RecordIOError, match=r"key 4: offset 999999: offset is past the end"):
-        RecordIOReader(insightface_copy / "train.rec").read(4)
+    with pytest.raises(RecordIOError, match=rf"train\.idx: line 5: key 4: offset 999999 lies past the end of "
+                                            rf"train\.rec \({size} bytes\)"):
+        RecordIOReader(insightface_copy / "train.rec")
     lines[4] = "4\tnot-a-number\n"
     idx.write_text("".join(lines))
     with pytest.raises(RecordIOError, match=r"train\.idx: malformed \.idx line 5"):
         RecordIOReader(insightface_copy / "train.rec")
 
 
+@pytest.mark.parametrize("line,message", [
+    # apache/mxnet#8103: offsets that read 2^64-1 were only "malformed .idx file"
+    ("4\t18446744073709551615", r"line 5: key 4: offset 18446744073709551615 lies past the end of train\.rec "
+                               r"\(\d+ bytes\) \(2\^64-1: a -1 written as unsigned\)"),
+    ("4\t-7", r"line 5: key 4: negative offset -7"),
+    ("99999999999999999999\t12", r"line 5: key 99999999999999999999 does not fit a 64-bit integer"),
+    ("4\t12\t7", r"malformed \.idx line 5: '4\\t12\\t7'"),
+    ("4\t1_000", r"malformed \.idx line 5"),
+    ("3\t8", r"key 3 appears more than once \(lines 4, 5\)"),
+])
+def test_idx_entries_that_cannot_be_offsets_name_line_key_and_value(insightface_copy, line, message):
+    idx = insightface_copy / "train.idx"
+    lines = idx.read_text().splitlines(True)
+    lines[4] = line + "\n"
+    lines.insert(2, "\n")  # a blank line: line numbers count it
+    idx.write_text("".join(lines))
+    message = re.sub(r"line (\d+)", lambda m: f"line {int(m[1]) + 1}", message)
+    message = message.replace("lines 4, 5", "lines 5, 6")
+    for opener in (lambda: RecordIOReader(insightface_copy / "train.rec"), lambda: FaceRecordDataset(insightface_copy)):
+        with pytest.raises(RecordIOError, match=rf"train\.idx: {message}"):
+            opener()
+
+
+def test_two_keys_on_one_record_name_their_lines(insightface_copy):
+    idx = insightface_copy / "train.idx"
+    lines = idx.read_text().splitlines(True)
+    offset = lines[3].split("\t")[1]
+    lines[4] = f"4\t{offset}"
+    idx.write_text("".join(lines))
+    with pytest.raises(RecordIOError, match=rf"train\.idx: key 4: offset {int(offset)}: keys 3 and 4 both point "
+                                            rf"at offset {int(offset)} \(lines 4, 5\)"):
+        RecordIOReader(insightface_copy / "train.rec")
+
+
 def test_wrong_property(insightface_copy):
+    # 7 claimed against 6 identity records: the labels are read and decide (max label 5 + 1)
     (insightface_copy / "property").write_text("7,112,112")
-    with pytest.raises(LabelError, match=r"property says 7 classes but the header record .* says 6"):
+    with pytest.raises(LabelError, match=r"property: says 7 classes but the labels of .*train\.rec say 6 "
+                                         r"\(max label 5 \+ 1\); correct it, or remove it"):
         FaceRecordDataset(insightface_copy)
     (insightface_copy / "property").write_text("6;112")
     with pytest.raises(LabelError, match="malformed property"):
         FaceRecordDataset(insightface_copy)
     (insightface_copy / "property").write_text("6,112,112")
-    with pytest.raises(LabelError, match="num_classes=5 was requested"):
+    with pytest.raises(LabelError, match=r"num_classes=5 but the dataset has 6 classes \(the labels of "
+                                         r".*train\.rec: max label 5 \+ 1\)"):
         FaceRecordDataset(insightface_copy, num_classes=5)
+    with pytest.raises(LabelError, match=r"data\.num_classes=5 but the dataset has 6"):
+        FaceRecordDataset(insightface_copy, num_classes=5, num_classes_key="data.num_classes")
 
 
 def test_reader_is_safe_after_pickle(recordio_fixtures):

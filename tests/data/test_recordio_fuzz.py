@@ -133,8 +133,19 @@ def test_fuzz_record_bytes(fixture_bytes, tmp_path):
             cut = int(rng.integers(1, len(raw)))
             raw = raw[:cut]
             fx.write(root, rec=bytes(raw))
+            past = [k for k, off in fx.offsets.items() if off >= cut]
+            if past:  # the .idx names records the cut removed: refused at open, naming the first
+                first = min(past, key=fx.offsets.get)
+                with pytest.raises(RecordIOError, match=rf"train\.idx: line \d+: key {first}: offset "
+                                                        rf"{fx.offsets[first]} lies past the end"):
+                    RecordIOReader(root / "train.rec", root / "train.idx")
+                kept = "".join(f"{k}\t{off}\n" for k, off in fx.offsets.items() if off < cut)
+                fx.write(root, rec=bytes(raw), idx=kept)
             reader = RecordIOReader(root / "train.rec", root / "train.idx")
             for key, off in fx.offsets.items():
+                if off >= cut:
+                    assert key not in reader
+                    continue
                 try:
                     data = reader.read(key)
                     assert data == fx.data[key]

@@ -227,3 +227,17 @@ def test_eval_names_unresolvable_fars_and_fails_a_diverged_model(demo, tmp_path,
     report = json.loads((out / "eval.json").read_text())["sets"]
     assert report["synth_a"]["num_nonfinite"] == 74 and report["synth_b"]["num_nonfinite"] == 48
     assert "synth_a: 74 of 74 embeddings are non-finite" in printed and "FAILED" in printed
+
+
+def test_extraction_of_an_im2rec_set_whose_first_image_has_an_array_label_takes_every_image(tmp_path):
+    from partial_fc.data import IRHeader, RecordIOWriter, pack
+    from partial_fc.eval.extraction import RecordFaces
+
+    from tests.helpers.data_files import jpeg_bytes
+
+    image = jpeg_bytes(np.zeros((112, 112, 3), np.uint8))
+    with RecordIOWriter(tmp_path / "train.rec", tmp_path / "train.idx") as w:
+        for key in range(5):  # im2rec --pack-label: [class, extra]; key 0 is an image, not a header
+            w.write(key, pack(IRHeader(2, [float(key % 2 + 1), 0.5], key, 0), image))
+    faces = RecordFaces(tmp_path / "train.rec")
+    assert faces.keys == [0, 1, 2, 3, 4] and [faces[i][1] for i in range(5)] == [1.0, 2.0, 1.0, 2.0, 1.0]

@@ -2,6 +2,7 @@
 import pytest
 from omegaconf import OmegaConf
 
+from partial_fc.train.config import ConfigError
 from partial_fc.train.data import flip_decision, resolve_val_bins, synthetic_root
 
 
@@ -28,5 +29,5 @@ def test_val_bins_resolve_names_and_paths(tmp_path):
     elsewhere.write_bytes(b"x")
     cfg = OmegaConf.create({"val_bins": ["lfw", str(elsewhere)]})
     assert resolve_val_bins(cfg.val_bins, tmp_path) == [(tmp_path / "lfw.bin").resolve(), elsewhere.resolve()]
-    with pytest.raises(FileNotFoundError, match="data.val_bins: 'cfp_fp' not found"):
+    with pytest.raises(ConfigError, match="data.val_bins: 'cfp_fp' not found"):
         resolve_val_bins(OmegaConf.create({"val_bins": ["cfp_fp"]}).val_bins, tmp_path)
