@@ -82,3 +82,8 @@ def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1
 def parameters_of(trainer):
     return {"backbone": [p.detach().clone() for p in trainer.backbone.parameters()],
             "classifier": trainer.classifier.weight.detach().clone()}
+
+
+def step_record(trainer) -> dict:
+    """One training step's record with its values read as floats (what the loop logs)."""
+    return trainer.read_record(trainer.train_step())
