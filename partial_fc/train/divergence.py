@@ -15,7 +15,7 @@ class TrainingDivergedError(RuntimeError):
 @torch.no_grad()
 def squared_norm(tensors: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Sum of the squares of every element of ``tensors``: a 0-dim float32 tensor on ``device``
-    (0 for no tensors), accumulated in float32 whatever the tensors' dtype.
+    (0 for no tensors), accumulated in float32, or float64 for float64 tensors.
 
     A constant number of operations however many tensors there are: one ``_foreach_norm`` per
     (device, dtype) group (a multi-tensor kernel on CUDA, the fused form ``torch.optim`` and
@@ -28,8 +28,9 @@ def squared_norm(tensors: Iterable[torch.Tensor], device: torch.device) -> torch
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
     if not groups:
         return torch.zeros((), dtype=torch.float32, device=device)
-    parts = [torch.stack(torch._foreach_norm(group, 2.0, dtype=torch.float32)).square().sum().to(device)
-             for group in groups.values()]
+    parts = [torch.stack(torch._foreach_norm(group, 2.0, dtype=None if dtype == torch.float64 else torch.float32))
+             .square().sum().to(device=device, dtype=torch.float32)
+             for (_, dtype), group in groups.items()]
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
