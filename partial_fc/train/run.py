@@ -30,6 +30,11 @@ def _setup_logging(rank: int) -> None:
 MAX_DEFAULT_THREADS = 4
 
 
+def _affinity_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of them where there is none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_threads(threads, local_world_size: int, environ=None, cores=None) -> Optional[int]:
     """The intra-op threads a rank sets: ``trainer.threads`` when given; else None (keep what
     torch took) when ``OMP_NUM_THREADS`` is set; else ``min(MAX_DEFAULT_THREADS, cores of this
@@ -39,15 +44,23 @@ def default_threads(threads, local_world_size: int, environ=None, cores=None) ->
         return int(threads)
     if environ.get("OMP_NUM_THREADS"):
         return None
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _affinity_cores() if cores is None else cores
     return max(1, min(MAX_DEFAULT_THREADS, int(cores) // max(1, local_world_size)))
+
+
+def compile_workers(local_world_size: int, cores=None) -> int:
+    """Inductor's compile workers per rank: the rank's share of the cores (inductor's own
+    default is every core of the node, for each rank)."""
+    cores = _affinity_cores() if cores is None else cores
+    return max(1, int(cores) // max(1, local_world_size))
 
 
 def _setup_threads(threads, local_world_size: int) -> None:
     count = default_threads(threads, local_world_size)
     if count is not None:
         torch.set_num_threads(count)
+    # Read by torch._inductor.config when it is first imported, at the first compile (later).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(compile_workers(local_world_size)))
 
 
 def _setup_determinism(seed: int, deterministic: bool, rank: int, device: torch.device) -> None:

@@ -136,3 +136,10 @@ def test_a_rank_that_fails_alone_ends_the_job_with_its_error_not_a_collective_ti
     assert proc.returncode != 0
     assert "train.py: error:" in output and "key 17" in output, output[-3000:]
     assert "did not complete" not in output, output[-3000:]  # no CollectiveTimeoutError on the peer
+
+
+@pytest.mark.parametrize("cores,local_ranks,want", [(64, 8, 8), (16, 8, 2), (4, 8, 1), (2, 1, 2)])
+def test_inductor_compiles_with_the_rank_share_of_the_cores(cores, local_ranks, want):
+    from partial_fc.train.run import compile_workers
+
+    assert compile_workers(local_ranks, cores=cores) == want
