@@ -48,6 +48,9 @@ def parse_args(argv=None):
                    help="classes per rank (default: MS1MV3's 93,431 over 8 GPUs)")
     p.add_argument("--warmup", type=int, default=None, help="default: 10 on CUDA, 1 on CPU")
     p.add_argument("--iters", type=int, default=None, help="default: 30 on CUDA, 2 on CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="also count, in one more step, the operations of the trainer's bookkeeping "
+                        "(gradient norm, clipping, state check) and the host syncs of the whole step")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.precision=fp16 head.fused=true")
     return p.parse_args(argv)
 
@@ -112,6 +115,48 @@ def time_steps(trainer, warmup: int, iters: int, cuda: bool):
     return statistics.median(times)
 
 
+# The trainer's own bookkeeping phases (Trainer._phase ranges), whose operations must not grow
+# with the model: the others run the model's forward, backward and optimizer update.
+BOOKKEEPING = ("trainer/gradient norm", "trainer/state check")
+
+
+def step_costs(trainer) -> dict:
+    """One more step under torch.profiler: the aten operations the bookkeeping phases issue
+    themselves (on CUDA each a kernel launch or a copy) and the step's device-to-host reads
+    (``aten::_local_scalar_dense``; CUDA: every sync, from its sync debug mode)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CPU]) as prof:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    ops = 0
+    for event in prof.events():
+        ancestors = []
+        parent = event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        if (event.name.startswith("aten::") and not any(a.startswith("aten::") for a in ancestors)
+                and any(a in BOOKKEEPING for a in ancestors)):
+            ops += 1
+    costs = {"bookkeeping_ops": ops,
+             "host_reads": sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense"),
+             "parameter_tensors": sum(1 for _ in trainer.backbone.parameters()),
+             "buffers": sum(1 for _ in trainer.backbone.buffers())}
+    if cuda:
+        costs["cuda_syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+    return costs
+
+
 def main(argv=None):
     args = parse_args(argv)
     cuda = torch.cuda.is_available() and not any(o in ("trainer=cpu", "trainer.device=cpu") for o in args.overrides)
@@ -132,6 +177,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = build(cfg, env, device, Path(run_dir), args.classes * env.world_size)
             median = time_steps(trainer, warmup, iters, cuda)
+            costs = step_costs(trainer) if args.profile else {}
         global_batch = int(cfg.data.batch_size) * env.world_size * int(cfg.trainer.grad_accum)
         record = {
             "bench": "train_step", "device": device.type, "model": str(cfg.model.name),
@@ -142,7 +188,7 @@ def main(argv=None):
             "channels_last": bool(cfg.trainer.channels_last), "compile": bool(cfg.trainer.compile),
             "warmup": warmup, "iters": iters, "ms": round(median * 1e3, 3),
             "samples_per_s": round(global_batch / median, 1), "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), **costs,
         }
         if cuda:
             record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

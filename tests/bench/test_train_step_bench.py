@@ -49,9 +49,10 @@ def test_two_ranks_report_the_global_batch():
     assert record["impl"] in ("reference", "chunked") and record["device"] == "cpu"
 
 
-def test_one_process_prints_one_json_line():
-    out = subprocess.run([sys.executable, str(BENCH_DIR / "train_step.py"), *SMALL, "trainer=cpu"],
+def test_one_process_prints_one_json_line_with_the_step_costs():
+    out = subprocess.run([sys.executable, str(BENCH_DIR / "train_step.py"), *SMALL, "--profile", "trainer=cpu"],
                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                          timeout=300, check=True).stdout
     (record,) = _records(out)
     assert record["global_batch"] == 4 and record["classes_per_rank"] == 40 and record["ms"] > 0
+    assert record["bookkeeping_ops"] > 0 and record["host_reads"] >= 2  # the trainer's two, at least

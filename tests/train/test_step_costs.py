@@ -145,3 +145,27 @@ def test_embeddings_enter_the_classifier_in_float32_under_bf16_autocast(tmp_path
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what the backbone itself gives
         images, _ = trainer._next_batch()
         assert trainer.model(images).dtype == torch.bfloat16
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_trainer_waits_for_the_device_twice_per_step(tmp_path):
+    """CUDA's sync debug mode sees every host sync (copies to the host, nonzero and unique
+    included, which the CPU count above cannot); the ones the trainer's own code makes are the
+    same two."""
+    import warnings
+
+    from tests.helpers.profiling import CLASSIFIER_FILES
+
+    trainer = make_trainer(tmp_path, device="cuda", backbone=deep_backbone(2))
+    trainer.train_step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = [w.filename.replace("\\", "/") for w in caught if "synchroniz" in str(w.message)]
+    own = [f for f in where if "partial_fc/" in f and not any(c in f for c in CLASSIFIER_FILES)]
+    assert len(own) == TRAINER_SYNCS_PER_STEP, where
