@@ -11,6 +11,9 @@ import pytest
 from tests.helpers.slurm_harness import REPO, SLURM_DIR, launcher_env
 
 SBATCH = SLURM_DIR / "train.sbatch"
+# The variables the script decides (unless exported before sbatch): none may leak in from the
+# test process, where torch.compile sets TORCHINDUCTOR_CACHE_DIR once a test has compiled.
+SET_HERE = ("TORCH_NCCL_", "TORCH_FR_", "TORCHINDUCTOR_", "TRITON_", "OMP_NUM_THREADS")
 
 
 def _step_environment(tmp_path, **extra):
@@ -18,10 +21,13 @@ def _step_environment(tmp_path, **extra):
     launcher = tmp_path / "record-env"
     launcher.write_text(f"#!/usr/bin/env bash\nenv > {dump}\n")
     launcher.chmod(0o755)
-    env = launcher_env(dict(SLURM_JOB_ID="777", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="127.0.0.1",
-                            SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_ON_NODE="64", SLURM_GPUS_ON_NODE="8",
-                            PFC_TORCHRUN=str(launcher), STANDIN_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
-                            PFC_STOP_FILE=str(tmp_path / "stop"), USER="alice", **extra))
+    env = launcher_env({})
+    for name in [n for n in env if n.startswith(SET_HERE)]:  # torch sets some in this process
+        del env[name]
+    env.update(SLURM_JOB_ID="777", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="127.0.0.1",
+               SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_ON_NODE="64", SLURM_GPUS_ON_NODE="8",
+               PFC_TORCHRUN=str(launcher), STANDIN_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+               PFC_STOP_FILE=str(tmp_path / "stop"), USER="alice", **extra)
     proc = subprocess.run(["bash", str(SBATCH), "trainer=gpu"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
