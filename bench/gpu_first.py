@@ -123,7 +123,6 @@ def classifier_share(name: str, warmup: int, iters: int) -> None:
     """One GPU's classifier step of recipe ``name`` as the trainer runs it (built by
     ``builders.build_classifier`` from the recipe; fp32 embeddings outside autocast; labels drawn
     from this GPU's classes, as bench/head.py draws them), against the fp32 reference path."""
-    from partial_fc.optim import build_classifier_optimizer
     from partial_fc.train import builders
 
     cfg = recipe_config(name)
@@ -135,7 +134,7 @@ def classifier_share(name: str, warmup: int, iters: int) -> None:
     batch = min(batch, CPU_GLOBAL_BATCH) if dev.type == "cpu" else batch
     torch.manual_seed(0)
     clf = builders.build_classifier(cfg, classes).to(dev)
-    opt = build_classifier_optimizer(clf, str(cfg.optim.name), lr=0.1, weight_decay=5e-4)
+    _, opt = builders.build_optimizers(cfg.optim, torch.nn.Linear(1, 1), clf)  # the recipe's rule; no backbone
     embeddings = torch.randn(batch, clf.embedding_size, device=dev)
     labels = torch.randint(0, classes, (batch,), device=dev)
 
