@@ -5,7 +5,8 @@
 #   the class sweep, with sweep=auto and with the row sweep forced, to settle the CUDA choice),
 #   sample rate 1.0 and 0.1, each with its bare-GEMM floor (bf16, same shapes) and the ratio
 #   (reference rows whose logits cannot fit are skipped: see bench/head_suite.py);
-#   full training step: r50 at batch 128 and 256 (channels_last, bf16 autocast).
+#   full training step: Trainer.train_step() of r50 at batch 128 and 256 (trainer=gpu: channels_last,
+#   bf16 autocast; bench/train_step.py).
 # Prints every JSON line and a Markdown table per part. Usage, from the repository root:
 #   bash bench/gpu_suite.sh [python]        # e.g. bash bench/gpu_suite.sh .venv/bin/python
 set -uo pipefail
@@ -18,14 +19,12 @@ echo "## Classifier head (CUDA)"
 "$PY" bench/head_suite.py --preset gpu --timeout 900
 
 echo
-echo "## Training step (CUDA)"
-echo "| model | batch | head | samples/s | ms |"
-echo "|---|---|---|---|---|"
+echo "## Training step (CUDA): Trainer.train_step() of trainer=gpu (bf16, channels_last), NPCFace"
+echo "| model | batch | classes/GPU | impl | samples/s | ms | peak GiB |"
+echo "|---|---|---|---|---|---|---|"
 for batch in 128 256; do
-  for head in npcface none; do
-    line=$("$PY" bench/train_step.py --device cuda --model r50 --batch "$batch" --head "$head" | tail -n 1)
-    echo "$line" >&2
-    "$PY" -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"| {r['model']} ({r['backbone']}) | {r['batch']} | {r['head']} | {r['samples_per_s']} | {r['ms']} |\")" "$line" \
-      || echo "| r50 | $batch | $head | failed | |"
-  done
+  line=$("$PY" bench/train_step.py --model r50 --batch "$batch" | tail -n 1)
+  echo "$line" >&2
+  "$PY" -c "import json,sys; r=json.loads(sys.argv[1]); print(f\"| {r['model']} | {r['batch']} | {r['classes_per_rank']} | {r['impl']} | {r['samples_per_s']} | {r['ms']} | {r['peak_gib']} |\")" "$line" \
+    || echo "| r50 | $batch | | | failed | | |"
 done

@@ -1,13 +1,18 @@
-"""Samples per second of a full training step on synthetic inputs: backbone forward, the sharded
-classifier head, backward, and both optimizer updates (backbone SGD, row-sparse classifier SGD).
+"""Samples per second of the training step as training runs it: ``Trainer.train_step()`` built
+from the Hydra config by ``partial_fc.train.builders`` (backbone under the configured autocast,
+the classifier outside it on fp32 embeddings and its configured path, both optimizers, the
+gradient norm and the state check), fed one uint8 batch over and over as the data loader would
+hand it over (pinned on CUDA, normalised on the device).
 
-    python bench/train_step.py --device cuda --model r50 --batch 256
+    python bench/train_step.py --model r50 --batch 256                       # CUDA: trainer=gpu
+    python bench/train_step.py --model tiny --batch 32 --iters 3 trainer=cpu
+    torchrun --nproc_per_node=8 bench/train_step.py --model r100 --batch 128 head.impl=chunked
 
-CUDA defaults: channels_last and bf16 autocast for the backbone; the head runs its GEMMs in bf16
-with fp32 statistics. Prints one JSON line with ``samples_per_s`` and ``ms`` (median step).
-The backbone comes from ``partial_fc.models.get_model``; if that is not available in this
-checkout, torchvision's resnet50 stands in (marked in the output), else the script stops with a
-message saying so.
+Trailing arguments are Hydra overrides of ``conf/`` as ``launch/train.py`` takes them (the
+default ``trainer=gpu`` when CUDA is available, else ``trainer=cpu``). Under torchrun every rank
+times its steps and rank 0 prints one JSON line: ``ms`` (median step), ``samples_per_s`` of the
+global batch (world size x ``--batch`` x ``trainer.grad_accum``), the classifier path of the last
+step (``impl``), the peak device memory on CUDA.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,125 +28,176 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import npc_head  # noqa: E402
-import partial_fc  # noqa: E402
-from partial_fc.optim import build_classifier_optimizer  # noqa: E402
+from partial_fc.data import DistributedShardSampler  # noqa: E402
+from partial_fc.train import builders  # noqa: E402
+from partial_fc.train.config import validate_config  # noqa: E402
+from partial_fc.train.data import TRAIN_IMAGE_SIZE  # noqa: E402
+from partial_fc.train.env import (configure_float32_math, detect_env, init_distributed,  # noqa: E402
+                                  job_namespace, select_device)
+from partial_fc.train.process_group import leave  # noqa: E402
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
-    p.add_argument("--model", default="r50")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--model", default="r50", help="model=... (conf/model)")
+    p.add_argument("--head", default="npcface", help="head=... (conf/head)")
+    p.add_argument("--batch", type=int, default=256, help="data.batch_size: images per rank")
     p.add_argument("--classes", type=int, default=11_680,
-                   help="classes on this device (default: MS1MV3's 93,431 over 8 GPUs)")
-    p.add_argument("--head", choices=["npcface", "arcface", "none"], default="npcface",
-                   help="none: backbone only (as the anchor's backbone rows, bench/RESULTS.md)")
-    p.add_argument("--impl", choices=partial_fc.classifier.IMPLS, default="auto")
-    p.add_argument("--sample-rate", type=float, default=1.0)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="backbone autocast; default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: on for CUDA")
+                   help="classes per rank (default: MS1MV3's 93,431 over 8 GPUs)")
     p.add_argument("--warmup", type=int, default=None, help="default: 10 on CUDA, 1 on CPU")
     p.add_argument("--iters", type=int, default=None, help="default: 30 on CUDA, 2 on CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="also count, in one more step, the operations of the trainer's bookkeeping "
+                        "(gradient norm, clipping, state check) and the host syncs of the whole step")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.precision=fp16 head.fused=true")
     return p.parse_args(argv)
 
 
-def load_backbone(name: str, dim: int):
-    """(backbone, source): partial_fc.models.get_model, or torchvision's resnet50 for r50."""
-    try:
-        from partial_fc.models import get_model
-    except ImportError as exc:
-        reason = f"partial_fc.models.get_model is not available ({exc})"
-    else:
-        return get_model(name, embedding_size=dim), "partial_fc.models"
-    if name != "r50":
-        sys.exit(f"bench/train_step.py: {reason}; only r50 has a stand-in (torchvision resnet50)")
-    try:
-        import torchvision  # optional, only as a stand-in
-    except ImportError:
-        sys.exit(f"bench/train_step.py: {reason}, and torchvision (the r50 stand-in) is not "
-                 "installed: use a checkout that has partial_fc/models")
-    print(f"bench/train_step.py: {reason}; using torchvision resnet50 as a stand-in",
-          file=sys.stderr)
-    return torchvision.models.resnet50(num_classes=dim), "torchvision.resnet50"
+class RepeatedBatch:
+    """The trainer's batch stream, serving one fixed batch: uint8 NxHxWx3 images (pinned for a
+    CUDA device) and labels spread over the classes of every rank."""
+
+    def __init__(self, batch_size: int, num_classes: int, pin: bool, rank: int, world_size: int):
+        g = torch.Generator().manual_seed(rank)
+        self.images = torch.randint(0, 256, (batch_size, *TRAIN_IMAGE_SIZE, 3), dtype=torch.uint8, generator=g)
+        self.labels = torch.randint(0, num_classes, (batch_size,), generator=g)
+        if pin:
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+        self.batch_size = batch_size
+        self.sampler = DistributedShardSampler(batch_size * world_size, world_size, rank)
+
+    def next(self):
+        return self.images, self.labels
+
+    def advance(self, local_samples: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench/train_step.py: --device cuda but torch.cuda.is_available() is False")
-    cuda = device.type == "cuda"
-    precision = args.precision or ("bf16" if cuda else "fp32")
-    channels_last = cuda if args.channels_last is None else args.channels_last
-    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
-    iters = args.iters if args.iters is not None else (30 if cuda else 2)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
+def compose(args, cuda: bool):
+    from hydra import compose as hydra_compose, initialize_config_dir
 
-    backbone, source = load_backbone(args.model, args.dim)
-    backbone = backbone.to(device)
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    opt_backbone = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    head = opt_head = None
-    if args.head != "none":
-        margin = npc_head.NPCFace() if args.head == "npcface" else npc_head.ArcFace(m=0.5)
-        head = partial_fc.PartialFC(margin, args.dim, args.classes, sample_rate=args.sample_rate,
-                                    impl=args.impl).to(device)
-        opt_head = build_classifier_optimizer(head, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    overrides = [f"trainer={'gpu' if cuda else 'cpu'}", f"model={args.model}", f"head={args.head}",
+                 f"data.batch_size={args.batch}", *args.overrides,
+                 "trainer.progress_bar=false", "trainer.stop_signal=null", "data.val_bins=[]"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    validate_config(cfg)
+    return cfg
 
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, args.classes, (args.batch,), device=device)
 
-    def step():
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            embeddings = backbone(images)
-            loss = head(embeddings, labels) if head is not None else embeddings.float().square().mean()
-        scaler.scale(loss).backward()
-        for opt in (opt_backbone, opt_head):
-            if opt is not None:
-                scaler.step(opt)
-        scaler.update()
-        for opt in (opt_backbone, opt_head):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-        return loss
+def build(cfg, env, device, run_dir: Path, num_classes: int):
+    """The Trainer of ``cfg`` on ``RepeatedBatch`` (``num_classes`` over all ranks)."""
+    import torch.distributed as dist
 
+    batches = RepeatedBatch(int(cfg.data.batch_size), num_classes, device.type == "cuda", env.rank, env.world_size)
+    data = builders.PreparedData(run_dir, None, num_classes, [])
+    group = dist.group.WORLD if env.distributed else None
+    return builders.build_trainer(cfg, run_dir, data, device, group, env.rank, env.world_size, batches=batches)
+
+
+def time_steps(trainer, warmup: int, iters: int, cuda: bool):
+    """Median seconds of ``iters`` calls of ``trainer.train_step()`` after ``warmup`` more."""
     times = []
     for i in range(warmup + iters):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step()
+        trainer.train_step()
         if cuda:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    record = {
-        "bench": "train_step", "device": device.type, "model": args.model, "backbone": source,
-        "batch": args.batch, "head": args.head, "classes": args.classes,
-        "impl": head.last_impl if head is not None else None, "sample_rate": args.sample_rate,
-        "precision": precision, "channels_last": channels_last, "warmup": warmup, "iters": iters,
-        "ms": round(median * 1e3, 3), "samples_per_s": round(args.batch / median, 1),
-        "torch": torch.__version__,
-    }
+    return statistics.median(times)
+
+
+# The trainer's own bookkeeping phases (Trainer._phase ranges), whose operations must not grow
+# with the model: the others run the model's forward, backward and optimizer update.
+BOOKKEEPING = ("trainer/gradient norm", "trainer/state check")
+
+
+def step_costs(trainer) -> dict:
+    """One more step under torch.profiler: the aten operations the bookkeeping phases issue
+    themselves (on CUDA each a kernel launch or a copy) and the step's device-to-host reads
+    (``aten::_local_scalar_dense``; CUDA: every sync, from its sync debug mode)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CPU]) as prof:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    ops = 0
+    for event in prof.events():
+        ancestors = []
+        parent = event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        if (event.name.startswith("aten::") and not any(a.startswith("aten::") for a in ancestors)
+                and any(a in BOOKKEEPING for a in ancestors)):
+            ops += 1
+    costs = {"bookkeeping_ops": ops,
+             "host_reads": sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense"),
+             "parameter_tensors": sum(1 for _ in trainer.backbone.parameters()),
+             "buffers": sum(1 for _ in trainer.backbone.buffers())}
     if cuda:
-        record["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        record["gpu"] = torch.cuda.get_device_name(device)
-    print(json.dumps(record), flush=True)
+        costs["cuda_syncs"] = sum("synchroniz" in str(w.message) for w in caught)
+    return costs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and not any(o in ("trainer=cpu", "trainer.device=cpu") for o in args.overrides)
+    cfg = compose(args, cuda)
+    env = detect_env()
+    device = select_device(str(cfg.trainer.device), env)
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    iters = args.iters if args.iters is not None else (30 if cuda else 2)
+    init_distributed(env, device, float(cfg.trainer.collective_timeout_s), job_namespace(),
+                     init_timeout_s=float(cfg.trainer.init_timeout_s))
+    failed = True
+    try:
+        configure_float32_math(device, bool(cfg.trainer.deterministic))
+        if cuda:
+            torch.backends.cudnn.benchmark = not bool(cfg.trainer.deterministic)
+        torch.manual_seed(int(cfg.trainer.seed))
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = build(cfg, env, device, Path(run_dir), args.classes * env.world_size)
+            median = time_steps(trainer, warmup, iters, cuda)
+            costs = step_costs(trainer) if args.profile else {}
+        global_batch = int(cfg.data.batch_size) * env.world_size * int(cfg.trainer.grad_accum)
+        record = {
+            "bench": "train_step", "device": device.type, "model": str(cfg.model.name),
+            "head": str(cfg.head.name), "batch": int(cfg.data.batch_size), "world_size": env.world_size,
+            "global_batch": global_batch, "classes_per_rank": args.classes,
+            "impl": trainer.classifier.last_impl, "fused": trainer.classifier.fused,
+            "sample_rate": float(cfg.head.sample_rate), "precision": str(cfg.trainer.precision),
+            "channels_last": bool(cfg.trainer.channels_last), "compile": bool(cfg.trainer.compile),
+            "warmup": warmup, "iters": iters, "ms": round(median * 1e3, 3),
+            "samples_per_s": round(global_batch / median, 1), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), **costs,
+        }
+        if cuda:
+            record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+            record["gpu"] = torch.cuda.get_device_name(device)
+        if env.rank == 0:
+            print(json.dumps(record), flush=True)
+        failed = False
+    finally:
+        leave(failed)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,14 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # N x 144 x D
 
 
+def kept_tokens(tokens: int, mask_ratio: float) -> int:
+    """Tokens left after masking ``mask_ratio`` of ``tokens`` (insightface: ``int(L * (1 - r))``),
+    at least one and, for any ``mask_ratio > 0``, at most ``tokens - 1``: every training step then
+    attends to some token and uses the mask token (DDP needs every trainable parameter to take
+    part in every step)."""
+    return min(tokens - 1, max(1, int(tokens * (1 - mask_ratio))))
+
+
 class VisionTransformer(nn.Module):
     """ViT for 112x112 inputs giving an `embedding_size`-d (unnormalised) embedding.
 
@@ -129,7 +137,9 @@ class VisionTransformer(nn.Module):
             nn.Linear(embed_dim, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size, eps=2e-5),
         )
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Kept at mask_ratio=0 too (insightface's state_dicts hold it), but frozen: a parameter
+        # that never receives a gradient fails DistributedDataParallel at its second step.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim), requires_grad=mask_ratio > 0)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
@@ -146,7 +156,7 @@ class VisionTransformer(nn.Module):
         n, tokens, dim = x.shape
         masking = self.training and self.mask_ratio > 0
         if masking:  # keep a random (1 - mask_ratio) share of tokens per sample
-            keep = int(tokens * (1 - self.mask_ratio))
+            keep = kept_tokens(tokens, self.mask_ratio)
             order = torch.rand(n, tokens, device=x.device).argsort(dim=1)
             restore = order.argsort(dim=1)
             x = x.gather(1, order[:, :keep, None].expand(-1, -1, dim))

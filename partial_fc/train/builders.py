@@ -197,9 +197,10 @@ def prepare_data(data_cfg: DictConfig, is_local_main: bool) -> PreparedData:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: torch.device, group=None,
-                  rank: int = 0, world_size: int = 1, stop_request=None) -> Trainer:
+                  rank: int = 0, world_size: int = 1, stop_request=None, batches=None) -> Trainer:
     """Every training object, built from the config; ``group``: the process group of the run
-    (it must exist already; None: one process)."""
+    (it must exist already; None: one process). ``batches``: a stream to train on instead of
+    ``data.dataset``'s (``bench/train_step.py`` feeds one batch over and over)."""
     from ..data import DistributedShardSampler
     from ..eval.metrics import FOLDS  # what the validator scores with
     from ..eval.verification import load_verification_set
@@ -207,17 +208,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, data: PreparedData, device: to
     from .data import AugmentedFaces, BatchStream
 
     seed = int(cfg.trainer.seed)
-    sampler = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=True,
-                                      seed=seed, drop_last=bool(cfg.data.drop_last))
-    per_epoch = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=False,
-                                        drop_last=bool(cfg.data.drop_last))
-    if len(per_epoch) < int(cfg.data.batch_size):  # said now, on every rank, not at the first step
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than a rank's share of the data set "
-                          f"({len(data.dataset)} images over {world_size} rank(s): {len(per_epoch)} per epoch)")
-    # Workers ship uint8 batches and the trainer normalises them on its device: a quarter of the
-    # bytes through shared and pinned memory (bench/RESULTS.md, "Data loader").
-    batches = BatchStream(AugmentedFaces(data.dataset, seed), sampler, int(cfg.data.batch_size),
-                          int(cfg.data.num_workers), pin_memory=device.type == "cuda")
+    if batches is None:
+        sampler = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=True,
+                                          seed=seed, drop_last=bool(cfg.data.drop_last))
+        per_epoch = DistributedShardSampler(len(data.dataset), world_size, rank, shuffle=False,
+                                            drop_last=bool(cfg.data.drop_last))
+        if len(per_epoch) < int(cfg.data.batch_size):  # said now, on every rank, not at the first step
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is larger than a rank's share of the data "
+                              f"set ({len(data.dataset)} images over {world_size} rank(s): {len(per_epoch)} per epoch)")
+        # Workers ship uint8 batches and the trainer normalises them on its device: a quarter of
+        # the bytes through shared and pinned memory (bench/RESULTS.md, "Data loader").
+        batches = BatchStream(AugmentedFaces(data.dataset, seed), sampler, int(cfg.data.batch_size),
+                              int(cfg.data.num_workers), pin_memory=device.type == "cuda")
     backbone = build_backbone(cfg.model).to(device)
     if cfg.trainer.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data.datasets import LabelError, drop_skipped
+from ..data.datasets import BadSampleError, LabelError
 from ..data.transforms import flip_image, normalize_image
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,27 @@ def flip_decision(seed: int, epoch: int, index: int) -> bool:
     return bool(_mix64(_mix64(_mix64(seed) ^ epoch) ^ index) & 1)
 
 
+# How many substitutes AugmentedFaces tries for a bad sample before it gives up.
+SUBSTITUTE_ATTEMPTS = 16
+
+
+def substitute_index(seed: int, epoch: int, index: int, attempt: int, size: int) -> int:
+    """The sample standing in for bad sample ``index`` of ``epoch`` at try ``attempt``: any other
+    index of ``range(size)``, a pure function of its arguments like :func:`flip_decision`."""
+    other = _mix64(_mix64(_mix64(_mix64(seed) ^ epoch) ^ index) ^ (attempt + 1)) % (size - 1)
+    return other + (other >= index)
+
+
 class AugmentedFaces(Dataset):
     """``(epoch, index)`` -> (image, int label), mirrored as :func:`flip_decision` says.
-    ``base[index]`` yields (uint8 HxWx3 image, label).
+    ``base[index]`` yields (uint8 HxWx3 image, label), or None for a bad sample it skipped
+    (``on_bad_image=skip``).
+
+    A skipped sample is replaced by another one, :func:`substitute_index` (the next try if that
+    one is bad too), so every batch keeps its size (cuDNN's autotuning and compiled graphs see
+    one shape), every rank consumes the same sampler positions, and a resumed run draws the same
+    substitutes; the substitute is then seen twice in that epoch. Raises BadSampleError when
+    ``SUBSTITUTE_ATTEMPTS`` substitutes are all bad (the data set is mostly unreadable).
 
     By default the image stays a uint8 HxWx3 tensor and the consumer normalises whole batches on
     its device (:func:`partial_fc.data.transforms.normalize_batch`; the Trainer does): workers
@@ -57,11 +75,20 @@ class AugmentedFaces(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, index = key
-        item = self.base[index]
-        if item is None:  # a bad sample the base skipped (on_bad_image=skip)
-            return None
+        item, used = self.base[index], index
+        for attempt in range(SUBSTITUTE_ATTEMPTS if len(self) > 1 else 0):
+            if item is not None:
+                break
+            used = substitute_index(self.seed, epoch, index, attempt, len(self))
+            item = self.base[used]
+        if item is None:
+            raise BadSampleError(
+                f"sample {index} is bad (data.on_bad_image=skip) and so were the {SUBSTITUTE_ATTEMPTS} "
+                f"samples tried in its place (the warnings name them): the data set is mostly unreadable")
+        if used != index:
+            log.debug("epoch %d: bad sample %d replaced by sample %d", epoch, index, used)
         image, label = item
-        flip = flip_decision(self.seed, epoch, index)
+        flip = flip_decision(self.seed, epoch, used)
         image = normalize_image(image, flip=flip) if self.normalize else flip_image(image, flip)
         return image, int(label)
 
@@ -81,20 +108,24 @@ class EpochTaggedSampler(Sampler):
 
 
 class BatchStream:
-    """Endless (images, labels) batches across epochs; resumable through the shard sampler.
+    """Endless (images, labels) batches of exactly ``batch_size`` samples across epochs;
+    resumable through the shard sampler.
 
-    The caller reports what a step consumed with :meth:`advance` (``batch_size`` sampler
-    positions per batch, however many samples a skip left out of it), and the sampler's state
-    then says exactly where to continue.
+    One DataLoader serves the whole run: its workers persist from epoch to epoch (no re-fork
+    per epoch) and each epoch is one pass of ``iter`` over it, in the sampler's current order
+    from its current position. The caller reports what a step consumed with :meth:`advance`
+    (``batch_size`` sampler positions per batch), and the sampler's state then says exactly
+    where to continue.
     """
 
     def __init__(self, dataset: AugmentedFaces, sampler, batch_size: int, num_workers: int,
                  pin_memory: bool = False):
         self.dataset, self.sampler = dataset, sampler
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self._loader: Optional[DataLoader] = None
         self._iter: Optional[Iterator] = None
 
-    def _loader(self) -> DataLoader:
+    def _make_loader(self) -> DataLoader:
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -102,8 +133,7 @@ class BatchStream:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=True,
-            collate_fn=drop_skipped,
-            persistent_workers=False,
+            persistent_workers=self.num_workers > 0,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
 
@@ -117,7 +147,9 @@ class BatchStream:
                         f"data.batch_size={self.batch_size} is larger than this rank's share of "
                         f"the dataset ({len(self.sampler)} samples per epoch)"
                     )
-                self._iter = iter(self._loader())
+                if self._loader is None:
+                    self._loader = self._make_loader()
+                self._iter = iter(self._loader)
             try:
                 return next(self._iter)
             except StopIteration:
@@ -129,7 +161,9 @@ class BatchStream:
         self.sampler.advance(local_samples)
 
     def close(self) -> None:
+        """Stop the workers (they end with the last reference to the loader's iterator)."""
         self._iter = None
+        self._loader = None
 
 
 # ----------------------------------------------------------------------------- datasets

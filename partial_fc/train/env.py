@@ -199,15 +199,47 @@ def addresses_timeout(env: DistEnv, backend: str, timeout: timedelta, namespace:
 
 
 def select_device(requested: str, env: DistEnv) -> torch.device:
-    """``cuda`` (this rank's local GPU), ``cpu``, or ``auto``; errors clearly when CUDA is absent."""
+    """``cuda`` (this rank's local GPU), ``cpu``, or ``auto``; errors clearly when CUDA is absent
+    or this node runs more ranks than it has visible GPUs."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer=cpu")
-        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_gpu(env, torch.cuda.device_count(),
+                                                os.environ.get("CUDA_VISIBLE_DEVICES")))
         torch.cuda.set_device(device)
         return device
     if requested != "cpu":
         raise ValueError(f"trainer.device must be cpu, cuda or auto, got {requested!r}")
     return torch.device("cpu")
+
+
+def local_gpu(env: DistEnv, visible: int, visible_env: Optional[str] = None) -> int:
+    """The index of this rank's GPU among the ``visible`` ones: its local rank. Two ranks on one
+    GPU would share its memory and NCCL refuses them, so more local ranks than visible GPUs
+    raises ConfigError naming both counts (and ``CUDA_VISIBLE_DEVICES``, ``visible_env``).
+
+    Slurm without torchrun, where each task sees one GPU, is the one exception: that is
+    ``srun --gpus-per-task=1`` (or ``--gpu-bind``) giving every task its own, as GPU 0."""
+    if env.launcher == "slurm" and visible == 1:
+        return 0
+    if env.local_world_size > visible:
+        from .config import ConfigError
+
+        shown = f" (CUDA_VISIBLE_DEVICES={visible_env})" if visible_env is not None else ""
+        raise ConfigError(
+            f"trainer.device=cuda: {env.local_world_size} ranks on this node (local world size) but "
+            f"{visible} visible GPU(s){shown}: start one rank per GPU (torchrun --nproc_per_node="
+            f"{visible}, or Slurm --ntasks-per-node={visible})")
+    return env.local_rank
+
+
+def configure_float32_math(device: torch.device, deterministic: bool) -> None:
+    """On CUDA, float32 matmuls and convolutions run on TF32 tensor cores (Ampere and later:
+    inputs rounded to a 10-bit mantissa, fp32 accumulation; insightface's recipes do the same),
+    unless ``deterministic`` asks for exact float32 arithmetic. CPU math is left as it is."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("highest" if deterministic else "high")
+    torch.backends.cudnn.allow_tf32 = not deterministic

@@ -370,13 +370,14 @@ class Preflight:
         """Collective over ``group``: measure, gather to every rank, return the report."""
         clock = Clock(self.budget_s, self.group if self.world_size > 1 else None, self.device)
         backbone = self.build_backbone()
-        step, dtype = backbone_step(backbone, self.local_batch, self.device, self.autocast_dtype,
-                                    self.channels_last)
+        step, _ = backbone_step(backbone, self.local_batch, self.device, self.autocast_dtype,
+                                self.channels_last)
         compute = self.grad_accum * clock.timed(step, share=4, warm=True, max_repeats=COMPUTE_REPEATS)
         gradient_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters() if p.requires_grad)
         del backbone, step
         mine = {"rank": self.rank, "host": socket.gethostname(), **versions(self.device), "compute_s": compute}
-        collectives = self.collectives(dtype, gradient_bytes) if self.world_size > 1 else []
+        # the trainer hands the classifier fp32 embeddings whatever the backbone's autocast dtype
+        collectives = self.collectives(torch.float32, gradient_bytes) if self.world_size > 1 else []
         link_bytes = min(max([c.nbytes for c in collectives] + [LINK_TEST_BYTES[0]]), LINK_TEST_BYTES[1])
         if self.world_size > 1:
             mine.update(self._endpoint(), **self._link(clock, link_bytes, len(collectives)))

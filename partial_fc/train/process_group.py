@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -46,11 +49,44 @@ def wrap_ddp(backbone: nn.Module, device: torch.device, group) -> nn.Module:
 
 def broadcast_buffers(module: nn.Module, group) -> None:
     """Give every rank of ``group`` its first rank's buffers of ``module`` (in place; no-op
-    when ``group`` is None)."""
+    when ``group`` is None): one broadcast per (device, dtype) of the buffers flattened into one
+    tensor, not one per buffer (a ResNet-100 has about 300)."""
     if group is None:
         return
+    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
     for buffer in module.buffers():
-        dist.broadcast(buffer, src=dist.get_global_rank(group, 0), group=group)
+        groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
+    src = dist.get_global_rank(group, 0)
+    for buffers in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=src, group=group)
+        for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(value.view_as(buffer))
+
+
+def leave(failed: bool) -> None:
+    """End this process's part in the default process group (if any).
+
+    After a run every rank finished, ``destroy_process_group``. After a failure of this rank,
+    its peers may wait in a collective it will never join and its own last collectives may be
+    in flight; destroying would wait for them (NCCL's communicator teardown can wait forever),
+    so the group is aborted instead (``ncclCommAbort`` returns at once): the process exits with
+    its error and torchrun or Slurm end the job. Gloo's abort, like its destroy, still waits out
+    a collective of this rank's own in flight, for at most ``trainer.collective_timeout_s``.
+    """
+    if not dist.is_initialized():
+        return
+    if not failed:
+        dist.destroy_process_group()
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch >= 2.6
+    if abort is None:
+        dist.destroy_process_group()
+        return
+    try:
+        abort()
+    except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+        log.warning("aborting the process group after the failure failed too: %s", err)
 
 
 def is_timeout(err: BaseException) -> bool:

@@ -6,15 +6,17 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from . import process_group
 from .config import validate_config
-from .env import DistEnv, detect_env, init_distributed, job_namespace, select_device
 from ..outputs import writing
+from .env import (DistEnv, configure_float32_math, detect_env, init_distributed, job_namespace,
+                  select_device)
 from .preflight import preflight_mode
 
 log = logging.getLogger("partial_fc.train")
@@ -26,17 +28,49 @@ def _setup_logging(rank: int) -> None:
                         force=True)
 
 
+# Intra-op threads per rank by default, at most: past this the backbone's CPU-side work gains
+# little, and a GPU node's cores are better left to the data workers.
+MAX_DEFAULT_THREADS = 4
+
+
+def _affinity_cores() -> int:
+    """The cores this process may run on (its CPU affinity; all of them where there is none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_threads(threads, local_world_size: int, environ=None, cores=None) -> Optional[int]:
+    """The intra-op threads a rank sets: ``trainer.threads`` when given; else None (keep what
+    torch took) when ``OMP_NUM_THREADS`` is set; else ``min(MAX_DEFAULT_THREADS, cores of this
+    process's CPU affinity (``cores``) // local ranks)``, at least 1."""
+    environ = os.environ if environ is None else environ
+    if threads is not None:
+        return int(threads)
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = _affinity_cores() if cores is None else cores
+    return max(1, min(MAX_DEFAULT_THREADS, int(cores) // max(1, local_world_size)))
+
+
+def compile_workers(local_world_size: int, cores=None) -> int:
+    """Inductor's compile workers per rank: the rank's share of the cores (inductor's own
+    default is every core of the node, for each rank)."""
+    cores = _affinity_cores() if cores is None else cores
+    return max(1, int(cores) // max(1, local_world_size))
+
+
 def _setup_threads(threads, local_world_size: int) -> None:
-    """``trainer.threads`` intra-op threads (None: this node's cores over its ranks)."""
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size))
-    torch.set_num_threads(int(threads))
+    count = default_threads(threads, local_world_size)
+    if count is not None:
+        torch.set_num_threads(count)
+    # Read by torch._inductor.config when it is first imported, at the first compile (later).
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(compile_workers(local_world_size)))
 
 
-def _setup_determinism(seed: int, deterministic: bool, rank: int) -> None:
+def _setup_determinism(seed: int, deterministic: bool, rank: int, device: torch.device) -> None:
     from .rng import process_seed, seed_everything
 
     seed_everything(process_seed(seed, rank))
+    configure_float32_math(device, deterministic)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -102,12 +136,14 @@ def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
 
         init_distributed(env, device, float(cfg.trainer.collective_timeout_s), job_namespace(job_num=job_num),
                          init_timeout_s=float(cfg.trainer.init_timeout_s))
+        failed = True
         try:
             check_agreement(cfg, data, env, device)  # before anything is written to run_dir
             report = run_preflight(cfg, run_dir, data.num_classes, env, device)
             if report is not None and preflight_mode(cfg.trainer.preflight) == "only":
+                failed = False
                 return {"preflight": report.to_dict(), "world_size": env.world_size, "launcher": env.launcher}
-            _setup_determinism(int(cfg.trainer.seed), bool(cfg.trainer.deterministic), env.rank)
+            _setup_determinism(int(cfg.trainer.seed), bool(cfg.trainer.deterministic), env.rank, device)
             if env.is_main:
                 with writing(run_dir / "config.yaml", "the resolved config"):
                     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,9 +157,9 @@ def run_training(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> Dict:
             if env.is_main:
                 with writing(run_dir / "summary.json", "the run summary"):
                     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            failed = False
             return summary
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            process_group.leave(failed)  # a rank failing alone aborts: it must not wait for peers
     finally:
         restore_signal()

@@ -24,7 +24,7 @@ from torch import nn
 from ..data.transforms import normalize_batch
 from . import checkpoint as ckpt
 from . import process_group
-from .divergence import TrainingDivergedError, first_nonfinite
+from .divergence import TrainingDivergedError, first_nonfinite, scale_gradients_to_norm, squared_norm
 from .metrics_log import MetricLogger
 from .process_group import CollectiveTimeoutError
 from .schedule import lr_factor
@@ -234,31 +234,53 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ step
-    def train_step(self) -> Dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its record."""
+    def train_step(self) -> Dict:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its record: ``loss`` and
+        ``grad_norm`` as 0-dim tensors on the device (:meth:`read_record` reads them, which waits
+        for the device: the loop does it on log steps only), ``lr`` and ``skipped_steps``.
+
+        The trainer's own host syncs are two per step however many ranks, parameters or class
+        blocks there are: the read of whether the step is finite and any rank votes to stop (one
+        value), and the read of the state check's all-reduced flag (:meth:`check_state_finite`).
+        """
         lr = self._set_lr()
         loss = self._accumulate_gradients()
-        for opt in self.optimizers:
-            self.scaler.unscale_(opt)
-        self.phase = "gradient-norm all-reduce"
-        grad_norm, stop_votes = self._grad_norm(self.stop.vote())
-        self.stop_requested = bool(stop_votes > 0)
-        self.phase = "optimizer step"
-        if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
-            self._apply_gradients(grad_norm)
-        else:  # same decision on every rank: the loss and the norm are global
-            self._skip_step(loss, grad_norm)
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        with self._phase("gradient norm", "all-reduce of the classifier's squared norm and the stop votes"):
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+            grad_norm, stop_votes = self._grad_norm(self.stop.vote())
+            finite, self.stop_requested = self._verdict(loss, grad_norm, stop_votes)
+            if finite and self.settings.clip_grad_norm is not None:
+                scale_gradients_to_norm(self._gradients(), self.settings.clip_grad_norm, grad_norm)
+        with self._phase("optimizer step"):
+            if finite:
+                self._apply_gradients()
+            else:  # same decision on every rank: the loss and the norm are global
+                self._skip_step(loss, grad_norm)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
         self.step += 1
         self._check_skips(loss, grad_norm)
-        self.phase = "check of the model state (all-reduce of a non-finite flag)"
         self.check_state_finite()
-        record = {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
-                  "skipped_steps": self.skipped_steps}
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
+
+    def read_record(self, record: Dict) -> Dict[str, float]:
+        """A step's record with its device values read as floats (one device-to-host copy), and
+        ``amp_scale`` under fp16."""
+        names = [k for k, v in record.items() if torch.is_tensor(v)]
+        values = torch.stack([record[k].float() for k in names]).tolist() if names else []
+        out = {**record, **dict(zip(names, values))}
         if self.scaler.is_enabled():
-            record["amp_scale"] = float(self.scaler.get_scale())
-        return record
+            out["amp_scale"] = float(self.scaler.get_scale())
+        return out
+
+    @contextlib.contextmanager
+    def _phase(self, name: str, collectives: str = ""):
+        """Name what the loop does inside (in collective-timeout errors: ``name (collectives)``)
+        and mark it as a ``trainer/<name>`` range for ``torch.profiler``."""
+        self.phase = f"{name} ({collectives})" if collectives else name
+        with torch.profiler.record_function(f"trainer/{name}"):
+            yield
 
     def _set_lr(self) -> float:
         s = self.settings
@@ -273,65 +295,76 @@ class Trainer:
         losses = []
         accum = self.settings.grad_accum
         for micro in range(accum):
-            self.phase = "data loading"
-            images, labels = self.batches.next()
+            with self._phase("data loading"):
+                images, labels = self._next_batch()
             losses.append(self._forward_backward(images, labels, 1.0 / accum, sync=micro == accum - 1))
-            self.batches.advance(self.batches.batch_size)  # sampler positions, skipped samples included
-        return torch.stack(losses).mean()
+            self.batches.advance(self.batches.batch_size)  # sampler positions
+        return losses[0] if accum == 1 else torch.stack(losses).mean()
 
-    def _forward_backward(self, images, labels, scale: float, sync: bool) -> torch.Tensor:
+    def _next_batch(self):
+        """The next batch on the device; uint8 NxHxWx3 images normalised there."""
+        images, labels = self.batches.next()
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        channels_last = self.settings.channels_last
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         if images.dtype == torch.uint8:  # NxHxWx3 from workers that left normalising to us
             images = normalize_batch(images, memory_format=memory_format)
-        elif channels_last:
+        elif self.settings.channels_last:
             images = images.contiguous(memory_format=memory_format)
+        return images, labels
+
+    def _forward_backward(self, images, labels, scale: float, sync: bool) -> torch.Tensor:
         no_sync = getattr(self.model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:
-            self.phase = "backbone forward"
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                enabled=self.autocast_dtype is not None):
+            with self._phase("backbone forward"), torch.autocast(
+                    self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 embeddings = self.model(images)
-            self.phase = ("classifier forward (all-gather of embeddings/labels, all-reduce of target "
-                          "cosines, margin statistics and softmax normalisers)")
-            loss = self.classifier(embeddings, labels)
-            self.phase = "backward (reduce-scatter of embedding gradients, DDP all-reduce)"
-            self.scaler.scale(loss * scale).backward()
+            # The classifier takes fp32 embeddings (as insightface keeps its last layers in fp32):
+            # all-gathered, and their gradients reduce-scattered, at full precision; its GEMMs
+            # run in its own gemm_dtype.
+            with self._phase("classifier forward", "all-gather of embeddings/labels, all-reduce of target "
+                             "cosines, margin statistics and softmax normalisers"):
+                loss = self.classifier(embeddings.float(), labels)
+            with self._phase("backward", "reduce-scatter of embedding gradients, DDP all-reduce"):
+                self.scaler.scale(loss * scale).backward()
         return loss.detach()
 
+    def _gradients(self, module: Optional[nn.Module] = None) -> List[torch.Tensor]:
+        """The gradients of ``module``'s parameters (None: the backbone's and the classifier's)."""
+        modules = (self.backbone, self.classifier) if module is None else (module,)
+        return [p.grad for m in modules for p in m.parameters() if p.grad is not None]
+
     def _grad_norm(self, stop_vote: bool = False):
-        """(global L2 norm of all gradients, whether any rank votes to stop).
+        """(global L2 norm of all gradients, the number of ranks voting to stop), both 0-dim
+        tensors on the device.
 
         Backbone grads are already summed over ranks; the classifier's squared norm is summed by
         an all-reduce, which also carries the stop votes, so every rank learns at the same step
         that one of them saw the stop file, without a collective of its own."""
-        def sq(params):
-            grads = [p.grad.detach().float() for p in params if p.grad is not None]
-            if not grads:
-                return torch.zeros((), device=self.device)
-            return torch.stack([g.pow(2).sum() for g in grads]).sum()
-
-        classifier_sq = sq(self.classifier.parameters())
+        classifier_sq = squared_norm(self._gradients(self.classifier), self.device)
         # new_full fills on the device: a host-to-device copy of the vote would sync every step
         local = torch.stack([classifier_sq, classifier_sq.new_full((), float(stop_vote))])
         if self.group is not None:
             dist.all_reduce(local, group=self.group)
-        return (sq(self.backbone.parameters()) + local[0]).sqrt(), local[1]
+        return (squared_norm(self._gradients(self.backbone), self.device) + local[0]).sqrt(), local[1]
 
-    def _apply_gradients(self, grad_norm: torch.Tensor) -> None:
-        """Clip to ``clip_grad_norm`` (by the global norm) and step both optimizers."""
-        clip = self.settings.clip_grad_norm
-        if clip is not None and float(grad_norm) > clip:
-            coef = clip / (float(grad_norm) + 1e-6)
-            for module in (self.backbone, self.classifier):
-                for p in module.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+    @staticmethod
+    def _verdict(loss: torch.Tensor, grad_norm: torch.Tensor, stop_votes: torch.Tensor):
+        """(whether the loss and the gradient norm are finite, whether any rank votes to stop),
+        from one device-to-host read of a value that encodes both."""
+        finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).to(torch.int64)
+        code = int(finite + 2 * (stop_votes > 0).to(torch.int64))
+        return bool(code & 1), bool(code & 2)
+
+    def _apply_gradients(self) -> None:
+        """Step both optimizers on the (unscaled, clipped) gradients.
+
+        Not through ``GradScaler.step``: under fp16 it reads each optimizer's inf/NaN flag on the
+        host (a sync each) to decide what the finite global norm has decided already; the scale
+        update reads the same flags on the device."""
         for opt in self.optimizers:
-            self.scaler.step(opt)
+            opt.step()
         self.scaler.update()
         self.consecutive_skips = 0
 
@@ -373,19 +406,32 @@ class Trainer:
 
     def check_state_finite(self) -> None:
         """Raise TrainingDivergedError on every rank when any rank's model state holds NaN/inf;
-        the message names the first such tensor (on the rank that holds it) and the step."""
-        found = first_nonfinite(self._named_state())
+        the message names the first such tensor (on the rank that holds it) and the step.
+
+        Collective. A constant number of operations and one host read, however many tensors:
+        the squared norm of the whole state (:func:`.divergence.squared_norm`), all-reduced as a
+        flag. Only a non-finite norm looks tensor by tensor, to name the culprit (and to tell a
+        NaN from finite values whose squares overflowed, which are no divergence)."""
+        with self._phase("state check", "all-reduce of a non-finite flag"):
+            state = [t for _, t in self._named_state() if t.is_floating_point()]
+            if not self._any_rank(~torch.isfinite(squared_norm(state, self.device))):
+                return
+            found = first_nonfinite(self._named_state())
+            if not self._any_rank(torch.tensor(found is not None, device=self.device)):
+                return
+        raise TrainingDivergedError(
+            f"rank {self.rank}: after step {self.step} the model state is non-finite: "
+            f"{found or 'a tensor of another rank (its log names it)'}. The run has diverged and stops "
+            f"without writing a checkpoint ({self._last_good_checkpoint()}). Lower optim.lr or set "
+            "trainer.clip_grad_norm, then resume"
+        )
+
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        """Whether ``flag`` (a 0-dim bool tensor) is true on any rank: an all-reduce and one read."""
+        flag = flag.to(torch.float32)
         if self.group is not None:
-            flag = torch.tensor([float(found is not None)], device=self.device)
             dist.all_reduce(flag, group=self.group)
-            if found is None and float(flag) > 0:
-                found = "a tensor of another rank (its log names it)"
-        if found is not None:
-            raise TrainingDivergedError(
-                f"rank {self.rank}: after step {self.step} the model state is non-finite: {found}. The run "
-                f"has diverged and stops without writing a checkpoint ({self._last_good_checkpoint()}). "
-                "Lower optim.lr or set trainer.clip_grad_norm, then resume"
-            )
+        return bool(flag > 0)
 
     # ------------------------------------------------------------------ log
     def _progress_bar(self, end: int):
@@ -397,8 +443,9 @@ class Trainer:
             return tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True)
         return None
 
-    def _log_step(self, record: Dict[str, float], elapsed: float, window_steps: int, end: int, bar) -> None:
+    def _log_step(self, record: Dict, elapsed: float, window_steps: int, end: int, bar) -> None:
         """Log a step's record with the samples/s of the window since the last one."""
+        record = self.read_record(record)
         global_samples = window_steps * self.batches.batch_size * self.world_size * self.settings.grad_accum
         self.samples_per_sec = global_samples / max(elapsed, 1e-9)
         record["samples_per_sec"] = self.samples_per_sec
@@ -454,9 +501,9 @@ class Trainer:
     def validate(self) -> Dict[str, float]:
         """Collective: score the backbone on ``val_sets`` (see :class:`Validator`) with rank 0's
         BatchNorm statistics; the results join ``history``."""
-        self.phase = "validation (all-gather of embeddings)"
-        self.sync_buffers()
-        results = self.validator.run(self.backbone, self.step)
+        with self._phase("validation", "broadcast of rank 0's buffers, all-gather of embeddings"):
+            self.sync_buffers()
+            results = self.validator.run(self.backbone, self.step)
         if results:
             self.history["val"].append({"step": self.step, **results})
         return results
@@ -496,10 +543,11 @@ class Trainer:
         process_group.broadcast_buffers(self.backbone, self.group)
 
     def save_checkpoint(self) -> Path:
-        self.phase = "checkpoint (barriers around the shard writes)"
-        self.sync_buffers()
+        with self._phase("checkpoint", "broadcast of rank 0's buffers"):
+            self.sync_buffers()
         self.check_state_finite()  # never write a checkpoint that cannot be resumed from
-        path = self.checkpointer.save(self.step)
+        with self._phase("checkpoint", "barriers around the shard writes"):
+            path = self.checkpointer.save(self.step)
         if self.rank == 0:
             log.info("checkpoint written: %s", path)
         return path

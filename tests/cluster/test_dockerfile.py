@@ -250,3 +250,13 @@ def test_build_context_builds_a_wheel_with_the_declared_requirements(tmp_path):
                       for p in (REPO / top).rglob("__init__.py"))
     for package in packages:
         assert f"{package}/__init__.py" in names, f"{package} missing from the wheel"
+
+
+def test_compile_caches_live_in_the_container_tmp_not_a_mounted_home():
+    env = {}
+    for keyword, value in instructions():
+        if keyword == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(value)))
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert env[name].startswith("/tmp/"), (name, env.get(name))
+    assert env["TORCHINDUCTOR_CACHE_DIR"] != env["TRITON_CACHE_DIR"]

@@ -58,11 +58,11 @@ def full_classifier_weight(seed=1):
 
 def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1, backbone=None,
                  head=None, max_steps=10, group=None, normalize_in_workers=False, stop_request=None,
-                 device="cpu", **settings):
+                 device="cpu", classifier_kwargs=None, **settings):
     device = torch.device(device)
     backbone = (backbone or linear_backbone()).to(device)
     classifier = partial_fc.PartialFC(head or npc_head.NPCFace(s=16.0), DIM, NUM_CLASSES,
-                                      process_group=group).to(device)
+                                      process_group=group, **(classifier_kwargs or {})).to(device)
     with torch.no_grad():
         start, count = partial_fc.shard_range(NUM_CLASSES, world_size, rank)
         classifier.weight.copy_(full_classifier_weight()[start:start + count])
@@ -82,3 +82,8 @@ def make_trainer(run_dir: Path, rank=0, world_size=1, batch_size=8, grad_accum=1
 def parameters_of(trainer):
     return {"backbone": [p.detach().clone() for p in trainer.backbone.parameters()],
             "classifier": trainer.classifier.weight.detach().clone()}
+
+
+def step_record(trainer) -> dict:
+    """One training step's record with its values read as floats (what the loop logs)."""
+    return trainer.read_record(trainer.train_step())

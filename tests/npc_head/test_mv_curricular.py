@@ -225,7 +225,7 @@ def _checkpoint_worker(rank, world_size, root):
                             head=npc_head.CurricularFace(s=16.0, m=0.5))
 
     straight = trainer("straight")
-    straight_losses = [straight.train_step()["loss"] for _ in range(3)]
+    straight_losses = [float(straight.train_step()["loss"]) for _ in range(3)]
     first = trainer("stopped")
     for _ in range(2):
         first.train_step()
@@ -237,7 +237,7 @@ def _checkpoint_worker(rank, world_size, root):
     restored = resumed.classifier.head.t.clone()
     record = {**resumed.train_step(), **resumed.classifier_record()}
     return dict(saved=saved, t_after_two=first.classifier.head.t.clone(), restored=restored,
-                resumed_loss=record["loss"], resumed_t=resumed.classifier.head.t.clone(),
+                resumed_loss=float(record["loss"]), resumed_t=resumed.classifier.head.t.clone(),
                 straight_loss=straight_losses[2], straight_t=straight.classifier.head.t.clone(),
                 logged_t=record["head/t"])
 

@@ -61,7 +61,7 @@ def _load_worker(rank, world_size, run_dir):
     backbone = [p.detach().clone() for p in trainer.backbone.parameters()]
     record = trainer.train_step()  # and training continues
     return {"classifier": trainer.classifier.weight.detach().clone(), "backbone": backbone,
-            "loss": record["loss"], "step": trainer.step}
+            "loss": float(record["loss"]), "step": trainer.step}
 
 
 @pytest.mark.parametrize("old,new", [(3, 1), (1, 4)])  # 2 -> 3: test_train_resume_e2e

@@ -7,12 +7,12 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.helpers.dist_harness import run_workers
-from tests.helpers.trainer_fixtures import linear_backbone, make_trainer, parameters_of
+from tests.helpers.trainer_fixtures import linear_backbone, make_trainer, parameters_of, step_record
 
 
 def _ddp_worker(rank, world_size, run_dir, steps):
     trainer = make_trainer(run_dir, rank, world_size, batch_size=6, group=dist.group.WORLD)
-    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    losses = [step_record(trainer)["loss"] for _ in range(steps)]
     return losses, parameters_of(trainer)
 
 
@@ -20,7 +20,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     steps = 3
     results = run_workers(_ddp_worker, 2, str(tmp_path / "ddp"), steps)
     single = make_trainer(tmp_path / "single", batch_size=12)
-    losses = [single.train_step()["loss"] for _ in range(steps)]
+    losses = [step_record(single)["loss"] for _ in range(steps)]
     ref = parameters_of(single)
     for rank_losses, params in results:
         assert rank_losses == pytest.approx(losses, rel=1e-5)
@@ -34,7 +34,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     accumulated = make_trainer(tmp_path / "a", batch_size=6, grad_accum=2)
     whole = make_trainer(tmp_path / "b", batch_size=12, grad_accum=1)
     for _ in range(2):
-        ra, rb = accumulated.train_step(), whole.train_step()
+        ra, rb = step_record(accumulated), step_record(whole)
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
     pa, pb = parameters_of(accumulated), parameters_of(whole)
@@ -56,7 +56,7 @@ def test_uint8_batches_normalised_by_the_trainer_train_identically(tmp_path, cha
         images, _ = trainer.batches.next()
         assert images.dtype == (torch.float32 if in_workers else torch.uint8)
         trainer.batches.close()
-        results.append(([trainer.train_step()["loss"] for _ in range(3)], parameters_of(trainer)))
+        results.append(([step_record(trainer)["loss"] for _ in range(3)], parameters_of(trainer)))
     (loss_a, pa), (loss_b, pb) = results
     assert loss_a == loss_b
     for x, y in zip(pa["backbone"] + [pa["classifier"]], pb["backbone"] + [pb["classifier"]]):
@@ -71,7 +71,7 @@ def test_uint8_batches_through_pinned_memory_train_like_float_batches_on_cuda(tm
     for in_workers in (True, False):
         trainer = make_trainer(tmp_path / str(in_workers), batch_size=8, device="cuda",
                                normalize_in_workers=in_workers)
-        results.append(([trainer.train_step()["loss"] for _ in range(3)], parameters_of(trainer)))
+        results.append(([step_record(trainer)["loss"] for _ in range(3)], parameters_of(trainer)))
     (loss_a, pa), (loss_b, pb) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for x, y in zip(pa["backbone"] + [pa["classifier"]], pb["backbone"] + [pb["classifier"]]):
@@ -95,12 +95,12 @@ def test_non_finite_step_is_skipped_and_weights_untouched(tmp_path):
     trainer = make_trainer(tmp_path, batch_size=8, backbone=NaNOnCall(linear_backbone(), bad_call=2))
     trainer.train_step()
     before = parameters_of(trainer)
-    record = trainer.train_step()
+    record = step_record(trainer)
     assert not math.isfinite(record["loss"]) and record["skipped_steps"] == 1
     after = parameters_of(trainer)
     for x, y in zip(before["backbone"] + [before["classifier"]], after["backbone"] + [after["classifier"]]):
         assert torch.equal(x, y)
-    record = trainer.train_step()
+    record = step_record(trainer)
     assert math.isfinite(record["loss"]) and trainer.skipped_steps == 1 and trainer.step == 3
     assert any(not torch.equal(x, y) for x, y in zip(after["backbone"], parameters_of(trainer)["backbone"]))
 
@@ -109,7 +109,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
     clipped = make_trainer(tmp_path / "c", batch_size=8, clip_grad_norm=1e-3)
     free = make_trainer(tmp_path / "f", batch_size=8)
     start = parameters_of(clipped)
-    rc, rf = clipped.train_step(), free.train_step()
+    rc, rf = step_record(clipped), step_record(free)
     assert rc["grad_norm"] == pytest.approx(rf["grad_norm"])  # reported before clipping
     moved_c = sum((a - b).norm() ** 2 for a, b in zip(parameters_of(clipped)["backbone"], start["backbone"]))
     moved_f = sum((a - b).norm() ** 2 for a, b in zip(parameters_of(free)["backbone"], start["backbone"]))
@@ -120,14 +120,14 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
 def test_mixed_precision_steps_on_cpu(tmp_path, precision):
     trainer = make_trainer(tmp_path, batch_size=8, precision=precision)
     fp32 = make_trainer(tmp_path / "fp32", batch_size=8)
-    record, ref = trainer.train_step(), fp32.train_step()
+    record, ref = step_record(trainer), step_record(fp32)
     assert record["loss"] == pytest.approx(ref["loss"], rel=0.05)
     if precision == "bf16":
         assert record["skipped_steps"] == 0 and "amp_scale" not in record
         return
     # fp16: GradScaler starts at 2^16; steps whose scaled gradients overflow are skipped on every
     # rank and halve the scale, until steps go through.
-    records = [record] + [trainer.train_step() for _ in range(7)]
+    records = [record] + [step_record(trainer) for _ in range(7)]
     skipped = records[-1]["skipped_steps"]
     assert skipped < len(records), "some fp16 steps must go through"
     assert records[-1]["amp_scale"] == 2.0 ** (16 - skipped)
@@ -136,5 +136,5 @@ def test_mixed_precision_steps_on_cpu(tmp_path, precision):
 def test_fp16_non_finite_step_backs_off_the_loss_scale(tmp_path):
     trainer = make_trainer(tmp_path, batch_size=8, precision="fp16",
                            backbone=NaNOnCall(linear_backbone(), bad_call=1))
-    record = trainer.train_step()
+    record = step_record(trainer)
     assert record["skipped_steps"] == 1 and record["amp_scale"] == 2.0 ** 15
