@@ -89,7 +89,8 @@ def table(rows, device: str) -> list:
     """The Markdown table of the records (no CPU-time columns on CUDA)."""
     cpu = device == "cpu"
     head = ["classes", "batch", "rate", "head", "classifier", "path", "sweep", "compiled", "ms",
-            "GEMM floor ms", "x floor"] + (["cpu ms", "x floor (cpu)"] if cpu else []) + ["peak GiB"]
+            "GEMM floor ms", "x floor"]
+    head += (["cpu ms", "x floor (cpu)"] if cpu else []) + ["peak GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['classes']:,}", r["batch"], r.get("sample_rate", r.get("rate")), r["head"],

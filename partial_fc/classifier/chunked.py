@@ -18,8 +18,8 @@ import torch
 
 from .numerics import compute_dtype, normalize_backward, normalize_rows, resolve_gemm_dtype
 from .plan import StepPlan, plan_step
-from .reference import reduce_loss
-from .row_sweep import row_sweep
+from .reference import check_reduction
+from .row_sweep import project_rows_, row_sweep
 from .sweeps import (ScoredRows, Terms, class_sweep_backward, class_sweep_forward,
                      softmax_terms, target_cosines)
 from .tiles import Tiles
@@ -73,7 +73,8 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             if grad_unit is not None:
                 grad_unit.mul_(upstream[:, None])
             if grad_rows is not None:
-                grad_weight = _weight_grad_of_rows(grad_rows.mul_(upstream[:1]), weight, rows)
+                grad_rows = project_rows_(ctx.tiles, rows, grad_rows, w_norm, upstream[:1])
+                grad_weight = _weight_grad_of_rows(grad_rows, weight, rows)
         redo_e, redo_w = need_e and grad_unit is None, need_w and grad_weight is None
         if redo_e or redo_w:
             # d loss / d cos_ik = upstream_i * s * (the tile): the per-row factor multiplies the
@@ -100,10 +101,6 @@ def _weight_grad_of_rows(grad_rows, weight, rows: ScoredRows):
     if rows.row_index is None:
         return grad_rows.to(weight.dtype)
     return torch.zeros_like(weight).index_copy_(0, rows.row_index, grad_rows.to(weight.dtype))
-
-
-def _positive_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 def chunked_margin_loss(
@@ -147,10 +144,7 @@ def chunked_margin_loss(
                          f"of shape {tuple(row_index.shape)}")
     if tiles is not None and tiles.head is not head:
         raise ValueError("tiles were built for another head than the one given")
-    for name, value in (("block_size", block_size), ("chunk_rows", chunk_rows)):
-        if value is not None and not _positive_int(value):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    reduce_loss(embeddings.new_zeros(1), reduction)  # refuses an unknown reduction
+    check_reduction(reduction)
     tiles = tiles or Tiles(head, compile=False)
     if plan is None:
         if group is not None:

@@ -109,7 +109,8 @@ def gather_rows(tensor: torch.Tensor, sizes: Sequence[int], group) -> torch.Tens
     return out.to(tensor.dtype) if transport else out
 
 
-def _reduce_scatter_rows(grad: torch.Tensor, sizes: Sequence[int], rank: int, group) -> torch.Tensor:
+def _reduce_scatter_rows(grad: torch.Tensor, sizes: Sequence[int], rank: int,
+                         group) -> torch.Tensor:
     """This rank's rows of the sum over ranks of ``grad`` [sum(sizes), ...]."""
     world, longest = len(sizes), max(sizes)
     transport = _needs_fp32_transport(grad, group)

@@ -11,7 +11,7 @@ from torch import nn
 from .chunked import chunked_margin_loss
 from .collectives import ProcessGroupInfo, all_gather_rows, gather_header, gather_rows, host_values
 from .numerics import compute_dtype, resolve_gemm_dtype
-from .plan import IMPLS, SWEEPS, StepPlan, plan_step, scored_bound
+from .plan import IMPLS, SWEEPS, StepPlan, check_size, plan_step, scored_bound
 from .reference import reference_margin_loss
 from .sampling import positive_rows, sample_classes, sampling_seed
 from .sharding import shard_range
@@ -72,9 +72,7 @@ class PartialFC(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if sweep not in SWEEPS:
             raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                       or block_size < 1):
-            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        check_size("block_size", block_size)
         if gemm_dtype not in GEMM_DTYPES:
             names = sorted(k for k in GEMM_DTYPES if k is not None)
             raise ValueError(f"gemm_dtype must be None or one of {names}, got {gemm_dtype!r}")

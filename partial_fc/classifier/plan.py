@@ -30,9 +30,10 @@ DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 # The row sweep (three GEMMs, no recomputed tile) holds a [chunk rows x scored classes] tile
 # within this budget, and takes at least MIN_CHUNK_ROWS rows: thinner chunks make thin GEMMs and
 # re-read the weight gradient they accumulate (bench/row_chunks.py, bench/RESULTS.md: on 2 CPU
-# cores at 100K classes, chunks below 128 rows cost more than the class sweep's four GEMMs). A
-# GPU hides that re-read only behind one chunk of the whole batch.
-ROW_TILE_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 26}
+# cores at 100K classes the three GEMMs in chunks of 512 rows cost 1.0-1.1x the class-block
+# floor, of 256 rows 1.2-1.3x, below 128 rows more than the class sweep's four GEMMs). A GPU
+# hides that re-read only behind one chunk of the whole batch.
+ROW_TILE_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 26}
 MIN_CHUNK_ROWS = {"cpu": 128}
 
 
@@ -55,6 +56,12 @@ class StepPlan:
         if self.impl != "chunked":
             return None
         return "rows" if self.chunk_rows else "classes"
+
+
+def check_size(name: str, value) -> None:
+    """Refuse a tile size (``block_size``, ``chunk_rows``) that is not a positive int or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 def scored_bound(num_classes: int, world_size: int, sample_rate: float, rows: int,
@@ -108,6 +115,8 @@ def plan_step(impl: str, sweep: str, rows: int, scored: int, device, compiled: b
     if impl not in IMPLS or sweep not in SWEEPS:
         raise ValueError(f"impl must be one of {IMPLS} and sweep one of {SWEEPS}, got "
                          f"{impl!r} and {sweep!r}")
+    check_size("block_size", block_size)
+    check_size("chunk_rows", chunk_rows)
     if impl == "auto":
         impl = "chunked" if 4 * int(rows) * int(scored) > AUTO_CHUNKED_LOGIT_BYTES else "reference"
     if impl == "reference":

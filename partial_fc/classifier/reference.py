@@ -18,11 +18,10 @@ from .tiles import negative_sums, stack_sums, target_mask
 REDUCTIONS = ("none", "mean")
 
 
-def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The per-row loss as asked: ``"none"`` [rows] or ``"mean"`` (a scalar)."""
+def check_reduction(reduction: str) -> None:
+    """Refuse a reduction other than ``"none"`` ([rows]) and ``"mean"`` (a scalar)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return loss.mean() if reduction == "mean" else loss
 
 
 def reference_margin_loss(
@@ -38,6 +37,7 @@ def reference_margin_loss(
     (per row, or the mean: ``reduction``; identical on all ranks) and detached per-row
     diagnostics (the head's, plus ``target_cos``). No host synchronisation.
     """
+    check_reduction(reduction)
     work = compute_dtype(embeddings, weight)
     e = F.normalize(embeddings.to(work), dim=1)
     w = F.normalize(weight.to(work), dim=1)
@@ -46,7 +46,8 @@ def reference_margin_loss(
     owned = target_index >= 0
     local_target = (cos.gather(1, target_index.clamp(min=0)[:, None])[:, 0] if cos.shape[1]
                     else cos.new_zeros(cos.shape[0]))
-    target_cos = all_reduce(torch.where(owned, local_target.detach(), 0.0), dist.ReduceOp.SUM, group)
+    target_cos = all_reduce(torch.where(owned, local_target.detach(), 0.0), dist.ReduceOp.SUM,
+                            group)
     prep = head.prepare(target_cos, embeddings.detach().to(work).norm(dim=1))
     stats = stack_sums(negative_sums(head, cos.detach(), prep, target_index))
     if stats is not None:
@@ -58,4 +59,4 @@ def reference_margin_loss(
     loss = distributed_cross_entropy(logits * head.scale, target_index, group)
     diagnostics = {k: v.detach() for k, v in head.diagnostics(prep, stats).items()}
     diagnostics["target_cos"] = target_cos
-    return reduce_loss(loss, reduction), diagnostics
+    return (loss.mean() if reduction == "mean" else loss), diagnostics

@@ -14,8 +14,9 @@ from .sweeps import ScoredRows, Terms, softmax_terms
 class RowSweep(NamedTuple):
     """What the row sweep leaves: the rows' :class:`Terms`, ``w_norm`` [scored] the rows'
     norms, ``grad_unit`` [Bg, D] the unit embeddings' gradient per unit upstream gradient
-    (None unless asked) and ``grad_rows`` [scored, D] the scored rows' gradient for an upstream
-    gradient of 1 on every row (a sum over the rows, in the working dtype; None unless asked)."""
+    (None unless asked) and ``grad_rows`` [scored, D] the unit rows' gradient divided by |w|
+    for an upstream gradient of 1 on every row (a sum over the rows, in the working dtype;
+    :func:`project_rows_` makes it the weight's; None unless asked)."""
 
     terms: Terms
     w_norm: torch.Tensor
@@ -63,7 +64,8 @@ def row_sweep(tiles, head, rows: ScoredRows, group, e_unit, e_gemm, target_index
         if count:  # a rank without classes scores nothing, but its collectives still run
             tile = None if buffer is None else buffer[: r * count].view(r, count)
             raw = matmul(e_gemm[start:stop], w_gemm.t(), work, out=tile)
-            neg_max, neg_sum, sums = tiles.forward(raw, inv_norm, cols, chunk_prep, neg_max, neg_sum)
+            neg_max, neg_sum, sums = tiles.forward(raw, inv_norm, cols, chunk_prep, neg_max,
+                                                   neg_sum)
         terms = softmax_terms(head, group, neg_max, neg_sum, sums, chunk_prep, cols,
                               raw_target[start:stop], target_cos[start:stop])
         parts.append(terms)
@@ -82,6 +84,14 @@ def row_sweep(tiles, head, rows: ScoredRows, group, e_unit, e_gemm, target_index
     terms = Terms(*(torch.cat(p) if p[0] is not None else None for p in zip(*parts)))
     if need_w and x is None:  # no classes on this rank
         x = torch.zeros(count, e_unit.shape[1], dtype=work, device=device)
-    elif need_w:
-        tiles.project_weight_grad_(x, w_raw, inv_norm, (w_norm >= NORM_EPS).to(work))
     return RowSweep(terms, w_norm, grad_unit, x)
+
+
+def project_rows_(tiles, rows: ScoredRows, grad_rows, w_norm, scale) -> torch.Tensor:
+    """The scored rows' gradient from :func:`row_sweep`'s ``grad_rows`` (before the chain rule
+    through w / |w|), projected and scaled by ``scale`` (the upstream gradient) in one pass."""
+    if rows.count:
+        tiles.project_weight_grad_(grad_rows, rows.raw(slice(0, rows.count)),
+                                   1.0 / w_norm.clamp_min(NORM_EPS),
+                                   (w_norm >= NORM_EPS).to(rows.work), scale)
+    return grad_rows

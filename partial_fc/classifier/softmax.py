@@ -29,7 +29,8 @@ class DistributedSoftmaxCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target_index, group=None):
         with torch.no_grad():
             rows = logits.shape[0]
-            local_max = logits.amax(dim=1) if logits.shape[1] else logits.new_full((rows,), -torch.inf)
+            local_max = (logits.amax(dim=1) if logits.shape[1]
+                         else logits.new_full((rows,), -torch.inf))
             row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
             exp = torch.exp(logits - row_max[:, None])
             summed = all_reduce(torch.stack([exp.sum(dim=1), _target_values(logits, target_index)]),

@@ -140,9 +140,9 @@ def class_sweep_forward(tiles, rows: ScoredRows, e_gemm, target_index, prep, blo
         w_norm[start:stop] = w_raw.norm(dim=1)
         raw = matmul(e_gemm, w_raw.to(rows.gemm).t(), rows.work,
                      out=buffer[: n * (stop - start)].view(n, stop - start))
+        inv_norm = 1.0 / w_norm[start:stop].clamp_min(NORM_EPS)
         neg_max, neg_sum, block_sums = tiles.forward(
-            raw, 1.0 / w_norm[start:stop].clamp_min(NORM_EPS), block_columns(target_index, start, stop),
-            prep, neg_max, neg_sum)
+            raw, inv_norm, block_columns(target_index, start, stop), prep, neg_max, neg_sum)
         sums = block_sums if sums is None else tuple(a + b for a, b in zip(sums, block_sums))
     return neg_max, neg_sum, sums or (), w_norm
 
@@ -155,6 +155,7 @@ def class_sweep_backward(tiles, rows: ScoredRows, e_gemm, e_scaled, w_norm, term
     n, work, gemm = e_gemm.shape[0], rows.work, rows.gemm
     buffer = torch.empty(n * min(block, rows.count), dtype=work, device=e_gemm.device)
     grad_buffer = buffer if gemm == work else torch.empty_like(buffer, dtype=gemm)
+    one = torch.ones(1, dtype=work, device=e_gemm.device)  # the row factor is in e_scaled
     for start, stop in _blocks(rows.count, block):
         w_raw = rows.raw(slice(start, stop))
         w_gemm = w_raw.to(gemm)
@@ -169,5 +170,5 @@ def class_sweep_backward(tiles, rows: ScoredRows, e_gemm, e_scaled, w_norm, term
             add_matmul_(grad_unit, grad, w_gemm)
         if grad_weight is not None:
             x = matmul(grad.t(), e_scaled, work)
-            tiles.project_weight_grad_(x, w_raw, inv_norm, (norm >= NORM_EPS).to(work))
+            tiles.project_weight_grad_(x, w_raw, inv_norm, (norm >= NORM_EPS).to(work), one)
             rows.put_grad(grad_weight, start, stop, x)

@@ -107,14 +107,15 @@ def backward_tile(head, raw, inv_norm, target_col, target_coef, prep, row_max, i
     return out
 
 
-def project_weight_grad_(x, weight, inv_norm, keep):
+def project_weight_grad_(x, weight, inv_norm, keep, scale):
     """The raw weight rows' gradient through w / max(|w|, eps), in place: ``x`` [K, D] holds
-    X_k = g_k / |w_k| (g the gradient w.r.t. the unit rows) and becomes X_k - w_k (w_k . X_k) /
-    |w_k|^2, the radial part dropped where ``keep`` [K] is 0 (|w_k| < eps: F.normalize's floor
-    divides without projecting). ``weight`` [K, D] the raw rows, ``inv_norm`` [K] 1/max(|w|, eps).
+    X_k = g_k / |w_k| (g the gradient w.r.t. the unit rows) and becomes scale * (X_k - w_k (w_k .
+    X_k) / |w_k|^2), the radial part dropped where ``keep`` [K] is 0 (|w_k| < eps: F.normalize's
+    floor divides without projecting). ``weight`` [K, D] the raw rows, ``inv_norm`` [K]
+    1/max(|w|, eps), ``scale`` a [1] tensor (the upstream gradient, folded into this pass).
     One pass over the rows when compiled (eager: the product is a [K, D] temporary)."""
     radial = (weight * x).sum(dim=1) * inv_norm * inv_norm * keep
-    x.sub_(weight * radial[:, None])
+    x.sub_(weight * radial[:, None]).mul_(scale)
 
 
 def compiler_unavailable_reason(device: torch.device) -> Optional[str]:
@@ -145,8 +146,8 @@ def is_compile_failure(exc: BaseException) -> bool:
         if isinstance(cause, device_errors) or "CUDA error" in str(cause).split("\n")[0]:
             return False
         cause = cause.__cause__ or getattr(cause, "inner_exception", None)
-    compiler = tuple(getattr(inductor_exc, n) for n in ("InductorError", "CppCompileError",
-                                                        "CUDACompileError") if hasattr(inductor_exc, n))
+    names = ("InductorError", "CppCompileError", "CUDACompileError")
+    compiler = tuple(getattr(inductor_exc, n) for n in names if hasattr(inductor_exc, n))
     return isinstance(exc, (TorchDynamoException, *compiler))
 
 
@@ -162,8 +163,8 @@ class Tiles:
         self.head = head
         self.compile = bool(compile)
         self.broken = False
-        self._eager = dict(forward=partial(forward_tile, head), backward=partial(backward_tile, head),
-                           project=project_weight_grad_)
+        self._eager = dict(forward=partial(forward_tile, head),
+                           backward=partial(backward_tile, head), project=project_weight_grad_)
         self._compiled, self._eager_twin = {}, None
         if self.compile:
             options = {k: v for k, v in INDUCTOR_OPTIONS.items() if _inductor_knows(k)}
@@ -192,9 +193,10 @@ class Tiles:
                 if not is_compile_failure(exc):
                     raise
                 self.broken = True
-                warnings.warn(f"the classifier's tile kernels failed to compile ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); they run eagerly "
-                              f"from now on", RuntimeWarning, stacklevel=3)
+                first_line = str(exc).splitlines()[0] if str(exc) else ""
+                warnings.warn(f"the classifier's tile kernels failed to compile "
+                              f"({type(exc).__name__}: {first_line}); they run eagerly from now on",
+                              RuntimeWarning, stacklevel=3)
         return self._eager[name](*args)
 
     def forward(self, *args):

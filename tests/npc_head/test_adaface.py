@@ -13,7 +13,8 @@ import partial_fc
 
 from tests.helpers.dist_harness import run_workers
 from tests.helpers.head_checkpoint import resume_worker
-from tests.helpers.head_protocol import assert_slope_is_the_derivative, protocol_loss, random_cosines
+from tests.helpers.head_protocol import (assert_slope_is_the_derivative, protocol_loss,
+                                         random_cosines)
 from tests.helpers.margin_reference import make_problem, row_cross_entropy
 from tests.helpers.paper_reference import (adaface_buffers_after, adaface_reference_loss,
                                            adaface_row_logits, adaface_scaler)

@@ -33,7 +33,8 @@ def _collectives_worker(rank, world_size, form, layout):
     header = collectives.gather_header(torch.tensor([sizes[rank], rank * 7]), group)
     unknown = collectives.all_gather_rows(x.detach(), group=group)  # sizes gathered here
     return dict(gathered=gathered.detach(), grad=x.grad, bf16=bf16, header=header,
-                unknown=unknown, ops={e.key for e in prof.key_averages() if e.key.startswith("c10d::")})
+                unknown=unknown,
+                ops={e.key for e in prof.key_averages() if e.key.startswith("c10d::")})
 
 
 @pytest.mark.parametrize("layout", sorted(SIZES))

@@ -305,7 +305,7 @@ class OutOfMemoryHead(npc_head.NPCFace):
 
 
 @needs_compiler
-def test_an_out_of_memory_error_inside_the_compiled_tiles_is_raised_not_taken_for_a_compile_failure():
+def test_an_out_of_memory_error_in_the_compiled_tiles_is_raised_not_taken_for_a_compile_failure():
     weight, emb, labels = make_problem(37, 16, 13, seed=21)
     head = OutOfMemoryHead(s=17.0)
     tiles = Tiles(head)
