@@ -81,7 +81,7 @@ def _issue_worker(rank, world_size):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         plans.append(module.last_plan)
     return dict(losses=losses, plans=plans, weight=module.weight.detach().clone())
 
