@@ -114,6 +114,11 @@ class PartialFC(nn.Module):
         """The path of the last forward: ``"reference"`` or ``"chunked"``."""
         return None if self.last_plan is None else self.last_plan.impl
 
+    def resolve_impl(self, global_batch: int, num_scored: int) -> str:
+        """The path a step of ``global_batch`` rows against at most ``num_scored`` classes per
+        rank takes (:func:`partial_fc.classifier.plan.plan_step`'s choice)."""
+        return plan_step(self.impl, "auto", global_batch, num_scored, "cpu", False).impl
+
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"class_start={self.class_start}, num_local={self.num_local}, "

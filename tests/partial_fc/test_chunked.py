@@ -244,6 +244,8 @@ def test_configuration_is_validated_and_auto_is_a_size_rule():
     below = AUTO_CHUNKED_LOGIT_BYTES // (4 * rows)
     assert plan_step("auto", "auto", rows, below, "cpu", True).impl == "reference"
     assert plan_step("auto", "auto", rows, below + 1, "cpu", True).impl == "chunked"
+    assert (module.resolve_impl(rows, below), module.resolve_impl(rows, below + 1)) == (
+        "reference", "chunked")
     module(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]))
     assert module.last_impl == "reference" and module.last_plan.sweep is None
     assert plan_step("chunked", "auto", 1, 1, "cpu", False).impl == "chunked"
