@@ -46,9 +46,9 @@ class _ChunkedMarginLoss(torch.autograd.Function):
             terms, w_norm = swept.terms, swept.w_norm
             ctx.precomputed = (swept.grad_unit, swept.grad_rows)
         else:
-            neg_max, neg_sum, sums, w_norm = class_sweep_forward(tiles, rows, e_gemm, target_index,
-                                                                 prep, plan.block_size)
-            terms = softmax_terms(head, group, neg_max, neg_sum, sums, prep, target_index,
+            neg_max, neg_sum, stats, w_norm = class_sweep_forward(
+                tiles, rows, e_gemm, target_index, prep, plan.block_size)
+            terms = softmax_terms(head, group, neg_max, neg_sum, stats, prep, target_index,
                                   raw_target, target_cos)
         side.update(prep=prep, stats=terms.stats, target_cos=target_cos)
         ctx.head, ctx.prep, ctx.tiles, ctx.plan, ctx.mean = head, prep, tiles, plan, mean

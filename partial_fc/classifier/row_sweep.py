@@ -9,6 +9,7 @@ import torch
 
 from .numerics import NORM_EPS, add_matmul_, matmul
 from .sweeps import ScoredRows, Terms, softmax_terms
+from .tiles import stack_sums
 
 
 class RowSweep(NamedTuple):
@@ -66,7 +67,7 @@ def row_sweep(tiles, head, rows: ScoredRows, group, e_unit, e_gemm, target_index
             raw = matmul(e_gemm[start:stop], w_gemm.t(), work, out=tile)
             neg_max, neg_sum, sums = tiles.forward(raw, inv_norm, cols, chunk_prep, neg_max,
                                                    neg_sum)
-        terms = softmax_terms(head, group, neg_max, neg_sum, sums, chunk_prep, cols,
+        terms = softmax_terms(head, group, neg_max, neg_sum, stack_sums(sums), chunk_prep, cols,
                               raw_target[start:stop], target_cos[start:stop])
         parts.append(terms)
         if raw is None or not (need_e or need_w):

@@ -85,16 +85,16 @@ def _positive_and_slope(head, target_cos, prep, stats):
     return positive.detach(), (torch.zeros_like(c) if slope is None else slope)
 
 
-def softmax_terms(head, group, neg_max, neg_sum, sums, prep, target_index, raw_target,
+def softmax_terms(head, group, neg_max, neg_sum, stats, prep, target_index, raw_target,
                   target_cos) -> Terms:
     """The positive logit joins a set of rows' negatives: global max and sum-exp, the loss.
 
-    ``neg_max``, ``neg_sum`` [R] this rank's negatives (sum relative to the max), ``sums`` the
-    head's per-row sums over them (all-reduced here), ``prep`` the rows' head dict; the other
+    ``neg_max``, ``neg_sum`` [R] this rank's negatives (sum relative to the max), ``stats`` the
+    head's per-row sums over them ([R, num_stats] float64 or None; all-reduced here), ``prep``
+    the rows' head dict; the other
     arguments as :func:`target_cosines` gives them, for these rows. Three all-reduces."""
     work = neg_max.dtype
     owned = target_index >= 0
-    stats = stack_sums(sums)
     if stats is None and head.num_stats:
         stats = torch.zeros(neg_max.shape[0], head.num_stats, dtype=torch.float64,
                             device=neg_max.device)
@@ -115,7 +115,7 @@ def softmax_terms(head, group, neg_max, neg_sum, sums, prep, target_index, raw_t
     return Terms(torch.log(summed[0]) + row_max - summed[1], row_max, inv_sum, coef, stats)
 
 
-def _blocks(count: int, block: int):
+def blocks(count: int, block: int):
     for start in range(0, count, block):
         yield start, min(start + block, count)
 
@@ -127,24 +127,29 @@ def block_columns(target_index, start: int, stop: int) -> torch.Tensor:
 
 
 def class_sweep_forward(tiles, rows: ScoredRows, e_gemm, target_index, prep, block: int):
-    """(neg_max, neg_sum, sums, w_norm) of every row over this rank's negatives, block by block
-    (one [Bg x block] tile at a time); ``w_norm`` [scored] the rows' norms."""
+    """(neg_max, neg_sum, stats, w_norm) of every row over this rank's negatives, block by block
+    (one [Bg x block] tile at a time): ``stats`` the head's sums over them, [Bg, num_stats]
+    float64 accumulated over the blocks (None without statistics), ``w_norm`` [scored] the
+    rows' norms."""
     n, device = e_gemm.shape[0], e_gemm.device
     neg_max = torch.full((n,), -math.inf, dtype=rows.work, device=device)
     neg_sum = torch.zeros(n, dtype=rows.work, device=device)
     w_norm = torch.empty(rows.count, dtype=rows.work, device=device)
+    # One reusable tile (fresh large allocations page-fault on CPU).
     buffer = torch.empty(n * min(block, rows.count), dtype=rows.work, device=device)
-    sums = None
-    for start, stop in _blocks(rows.count, block):
+    stats = None
+    for start, stop in blocks(rows.count, block):
         w_raw = rows.raw(slice(start, stop))
         w_norm[start:stop] = w_raw.norm(dim=1)
         raw = matmul(e_gemm, w_raw.to(rows.gemm).t(), rows.work,
                      out=buffer[: n * (stop - start)].view(n, stop - start))
         inv_norm = 1.0 / w_norm[start:stop].clamp_min(NORM_EPS)
-        neg_max, neg_sum, block_sums = tiles.forward(
+        neg_max, neg_sum, sums = tiles.forward(
             raw, inv_norm, block_columns(target_index, start, stop), prep, neg_max, neg_sum)
-        sums = block_sums if sums is None else tuple(a + b for a, b in zip(sums, block_sums))
-    return neg_max, neg_sum, sums or (), w_norm
+        block_stats = stack_sums(sums)
+        if block_stats is not None:
+            stats = block_stats if stats is None else stats.add_(block_stats)
+    return neg_max, neg_sum, stats, w_norm
 
 
 def class_sweep_backward(tiles, rows: ScoredRows, e_gemm, e_scaled, w_norm, terms: Terms, prep,
@@ -156,7 +161,7 @@ def class_sweep_backward(tiles, rows: ScoredRows, e_gemm, e_scaled, w_norm, term
     buffer = torch.empty(n * min(block, rows.count), dtype=work, device=e_gemm.device)
     grad_buffer = buffer if gemm == work else torch.empty_like(buffer, dtype=gemm)
     one = torch.ones(1, dtype=work, device=e_gemm.device)  # the row factor is in e_scaled
-    for start, stop in _blocks(rows.count, block):
+    for start, stop in blocks(rows.count, block):
         w_raw = rows.raw(slice(start, stop))
         w_gemm = w_raw.to(gemm)
         norm = w_norm[start:stop]
