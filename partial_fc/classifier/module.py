@@ -226,11 +226,11 @@ class PartialFC(nn.Module):
                          self.block_size)
         work = compute_dtype(global_embeddings, self.weight)
         gemm = resolve_gemm_dtype(global_embeddings, work, self.gemm_dtype)
-        # Both paths pick every dtype themselves: autocast would recast their fp32 statistics.
         if plan.impl == "chunked" and self._no_compiler:
             warnings.warn(f"PartialFC(fused=True): {self._no_compiler}; the tile functions run "
                           f"eagerly", RuntimeWarning, stacklevel=2)
             self._no_compiler = None
+        # Both paths pick every dtype themselves: autocast would recast their fp32 statistics.
         with torch.autocast(device.type, enabled=False):
             if plan.impl == "chunked":
                 loss, diagnostics = chunked_margin_loss(
