@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The Performance issue's CUDA measurements in one go (one H200 or similar):
+# The CUDA measurements of bench/RESULTS.md in one go (one H200 or similar):
 #   classifier head: 1M / 4M / 16M classes on the device, global batch 1024, D 512,
-#   NPCFace and ArcFace, reference and chunked paths (chunked unfused; fused, Triton tiles, with
-#   the class sweep, with sweep=auto and with the row sweep forced, to settle the CUDA choice),
-#   sample rate 1.0 and 0.1, each with its bare-GEMM floor (bf16, same shapes) and the ratio
-#   (reference rows whose logits cannot fit are skipped: see bench/head_suite.py);
-#   full training step: Trainer.train_step() of r50 at batch 128 and 256 (trainer=gpu: channels_last,
-#   bf16 autocast; bench/train_step.py).
+#   NPCFace and ArcFace, the API default, the reference path and the chunked path with the class
+#   sweep, the row sweep and eager tiles forced (to settle the CUDA choice), sample rate 1.0 and
+#   0.1, each with its bare-GEMM floor (bf16, same shapes) and the ratio (configurations that
+#   cannot fit the device are skipped: see bench/head_suite.py; `--preset gpu-quick`: 10 minutes);
+#   full training step: Trainer.train_step() of r50 at batch 128 and 256 (trainer=gpu:
+#   channels_last, bf16 autocast; bench/train_step.py).
 # Prints every JSON line and a Markdown table per part. Usage, from the repository root:
 #   bash bench/gpu_suite.sh [python]        # e.g. bash bench/gpu_suite.sh .venv/bin/python
 set -uo pipefail

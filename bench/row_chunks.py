@@ -1,5 +1,5 @@
 """The row sweep's three GEMMs in chunks of R rows against the class sweep's GEMM floor, in one
-process (what ``partial_fc.chunked.MIN_CHUNK_ROWS`` is set from).
+process (what ``partial_fc.classifier.plan.MIN_CHUNK_ROWS`` is set from).
 
     python bench/row_chunks.py --threads 2 --classes 100000 --batch 1024 --dim 512
 
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.head import gemm_floor  # noqa: E402
-from partial_fc.chunked import default_block_size  # noqa: E402
+from partial_fc.classifier.plan import default_block_size  # noqa: E402
 
 
 def row_gemms(e, w, rows_per_chunk):

@@ -49,7 +49,7 @@ class CurricularFace(MarginHead):
         mean = target_cos.detach().to(torch.float64).mean()
         self.t.copy_(self.momentum * mean + (1.0 - self.momentum) * self.t.to(torch.float64))
 
-    def prepare(self, target_cos: torch.Tensor) -> Prep:
+    def prepare(self, target_cos: torch.Tensor, norms: torch.Tensor) -> Prep:
         c = target_cos.detach()
         if self.training:
             self.update_t(c)

@@ -37,7 +37,7 @@ class MVSoftmax(MarginHead):
         self.m, self.t = float(m), float(t)
         self.arc, self.fixed = bool(arc), bool(fixed)
 
-    def prepare(self, target_cos: torch.Tensor) -> Prep:
+    def prepare(self, target_cos: torch.Tensor, norms: torch.Tensor) -> Prep:
         c = target_cos.detach()
         return {"tau": cos_add(c, self.m) if self.arc else c - self.m}
 

@@ -40,13 +40,13 @@ class NPCFace(MarginHead):
         if self.t < 1:
             raise ValueError(f"t must be >= 1, got {t}")
 
-    def prepare(self, target_cos: torch.Tensor) -> Prep:
+    def prepare(self, target_cos: torch.Tensor, norms: torch.Tensor) -> Prep:
         return {"tau": cos_add(target_cos.detach(), self.hard_margin)}
 
     @torch.no_grad()
     def negative_sums(self, cos: torch.Tensor, prep: Prep):
-        # In the cosines' dtype, as the tile paths always summed (widened to float64 by
-        # negative_stats / the classifier): fp32 counts are exact up to 2^24 columns per call.
+        # In the cosines' dtype (the classifier widens each tile's sums to float64): fp32 counts
+        # are exact up to 2^24 columns per tile.
         # where(), not a product with the mask: a NaN cosine is not hard and adds nothing.
         hard = cos > prep["tau"][:, None]
         zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
@@ -60,28 +60,6 @@ class NPCFace(MarginHead):
         hard = cos > prep["tau"][:, None]
         one = torch.ones((), dtype=cos.dtype, device=cos.device)
         return torch.where(hard, one * self.t, one)
-
-    # Tile-level versions for the chunked classifier. Only float arithmetic on the tile (masks as
-    # 0/1 floats): on CPU, where() and boolean reductions cost ten times a float pass.
-    def _hard_terms(self, cos: torch.Tensor, prep: Prep):
-        hard = torch.gt(cos, prep["tau"][:, None], out=torch.empty_like(cos))
-        return hard, cos * hard
-
-    def negative_stats_and_logits(self, cos: torch.Tensor, prep: Prep):
-        # A tile's sums run in its own dtype (fp32 or wider: counts exact up to 2^24 columns);
-        # the classifier accumulates the blocks in float64.
-        hard, hard_cos = self._hard_terms(cos, prep)
-        stats = torch.stack([hard_cos.sum(dim=1).double(), hard.sum(dim=1).double()], dim=1)
-        s = self.scale  # s*c + s(t-1)*[hard]c + s*alpha*[hard] = s * (t c + alpha if hard else c)
-        logits = cos.mul_(s).add_(hard_cos, alpha=s * (self.t - 1.0)).add_(hard, alpha=s * self.alpha)
-        return stats, logits
-
-    def negative_softmax_slope(self, cos: torch.Tensor, prep: Prep, shift: torch.Tensor):
-        hard, hard_cos = self._hard_terms(cos, prep)
-        s = self.scale  # the logits exactly as in the forward, then times t where hard
-        out = cos.mul_(s).add_(hard_cos, alpha=s * (self.t - 1.0)).add_(hard, alpha=s * self.alpha)
-        probs = out.sub_(shift[:, None]).exp_()
-        return probs.addcmul_(probs, hard, value=self.t - 1.0)
 
     def margin(self, stats: torch.Tensor) -> torch.Tensor:
         """m_i from the all-reduced statistics (float64, no gradient)."""

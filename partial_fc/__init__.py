@@ -1,7 +1,5 @@
 """NPCFace on a model-parallel Partial FC classifier."""
 from . import optim
-from .classifier import PartialFC
-from .sharding import shard_range
-from .softmax import distributed_cross_entropy
+from .classifier import PartialFC, distributed_cross_entropy, shard_range
 
 __all__ = ["PartialFC", "shard_range", "distributed_cross_entropy", "optim"]

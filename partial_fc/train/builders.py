@@ -142,7 +142,7 @@ def build_preflight(cfg: DictConfig, num_classes: int, device: torch.device, gro
     step's collectives for ``data.batch_size``, ``head.*`` and ``trainer.grad_accum`` on
     ``world_size`` ranks, the budget and thresholds of ``trainer.preflight_*``."""
     from ..models import get_model
-    from ..sharding import shard_range
+    from ..classifier.sharding import shard_range
     from .preflight import Preflight, resolved_impl, step_collectives
 
     t, batch = cfg.trainer, int(cfg.data.batch_size)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..sharding import shard_range
+from ..classifier.sharding import shard_range
 from . import rng
 from .agreement import rank_spans
 from ..outputs import OutputError, writing

@@ -18,8 +18,7 @@ import npc_head
 from ..data.datasets import LABEL_CHECKS
 from ..models.factory import MODEL_NAMES as MODELS
 from ..optim import OPTIMIZERS
-from ..chunked import SWEEPS
-from ..classifier import IMPLS
+from ..classifier import IMPLS, SWEEPS
 from .data import FORMATS
 from .preflight import MODES as PREFLIGHT_MODES, preflight_mode
 from .trainer import PRECISIONS

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..classifier import PartialFC
-from ..reference import compute_dtype
+from ..classifier.numerics import compute_dtype
 from . import network
 
 log = logging.getLogger(__name__)

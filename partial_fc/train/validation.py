@@ -7,7 +7,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ..distributed import all_gather_rows
+from ..classifier.collectives import all_gather_rows
 
 log = logging.getLogger(__name__)
 

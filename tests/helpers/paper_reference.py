@@ -1,4 +1,5 @@
-"""Float64 references of MV-Softmax and CurricularFace, written from the papers / authors' code.
+"""Float64 references of MV-Softmax, CurricularFace and AdaFace, written from the papers and the
+authors' code.
 
 Deliberately naive (a Python loop over rows, angles through acos, masks built per row) and
 independent of the package: the sharded heads are checked against these.
@@ -93,3 +94,58 @@ def make_paper_head(kind, params):
     if kind == "curricular":
         return npc_head.CurricularFace(**params)
     raise ValueError(kind)
+
+
+# ---------------------------------------------------------------------------- AdaFace
+ADAFACE_EPS = 1e-3
+
+
+def adaface_clip_norm(norm) -> float:
+    """The authors' clip of an embedding norm to [0.001, 100]."""
+    return min(max(float(norm), 0.001), 100.0)
+
+
+def adaface_buffers_after(mean, std, norms, t_alpha):
+    """AdaFace's (batch_mean, batch_std) after one training forward on a batch with these
+    embedding norms: each moves by t_alpha towards the batch's mean / unbiased std of the
+    clipped norms (plain Python floats, one value at a time)."""
+    safe = [adaface_clip_norm(n) for n in norms]
+    mu = sum(safe) / len(safe)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in safe) / (len(safe) - 1))
+    return t_alpha * mu + (1 - t_alpha) * float(mean), t_alpha * sd + (1 - t_alpha) * float(std)
+
+
+def adaface_scaler(norm, mean, std, h) -> float:
+    """z_i = clip((n_i - mean) / (std + 1e-3) * h, -1, 1) of one row, n_i clipped."""
+    return min(max((adaface_clip_norm(norm) - mean) / (std + ADAFACE_EPS) * h, -1.0), 1.0)
+
+
+def adaface_row_logits(cy, c_neg, z, m):
+    """(positive, negatives) of one AdaFace row with margin scaler ``z`` (a float): the angle of
+    c_y (clamped to 1e-3 inside [-1, 1]) minus m z, clipped into [1e-3, pi - 1e-3], back to a
+    cosine, less m (1 + z); negatives unchanged."""
+    theta = torch.acos(cy.clamp(-1 + ADAFACE_EPS, 1 - ADAFACE_EPS))
+    pos = torch.cos((theta - m * z).clamp(ADAFACE_EPS, math.pi - ADAFACE_EPS)) - (m + m * z)
+    return pos, c_neg
+
+
+def adaface_reference_loss(params, embeddings, weight, labels, mean, std, classes=None):
+    """Mean AdaFace loss of rows ``embeddings`` [B, D] (raw: their norms set the margins)
+    against class rows ``weight`` [C, D] with the buffers ``mean`` / ``std`` the batch uses
+    (already updated for a training forward); ``classes`` the scored class ids (default all).
+    Returns (loss, per-row z)."""
+    C = weight.shape[0]
+    classes = list(range(C)) if classes is None else sorted(int(c) for c in classes)
+    norms = [float(torch.sqrt((embeddings[i].detach() ** 2).sum())) for i in range(len(labels))]
+    e = embeddings / embeddings.norm(dim=1, keepdim=True)
+    w = weight / weight.norm(dim=1, keepdim=True)
+    cos = (e @ w.t()).clamp(-1.0, 1.0)
+    losses, scalers = [], []
+    for i in range(e.shape[0]):
+        y = int(labels[i])
+        z = adaface_scaler(norms[i], mean, std, params["h"])
+        pos, neg = adaface_row_logits(cos[i, y], cos[i, [k for k in classes if k != y]], z,
+                                      params["m"])
+        losses.append(row_cross_entropy(params["s"], pos, neg))
+        scalers.append(z)
+    return torch.stack(losses).mean(), torch.tensor(scalers, dtype=torch.float64)

@@ -8,8 +8,8 @@ import torch
 
 import npc_head
 
-from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
-                                         random_cosines)
+from tests.helpers.head_protocol import (assert_matches_reference, assert_slope_is_the_derivative,
+                                         random_cosines, with_norms)
 from tests.helpers.paper_reference import curricular_t_update, row_logits
 
 PARAMS = dict(s=64.0, m=0.5)
@@ -31,7 +31,7 @@ def test_loss_and_gradient_match_the_paper(t_before, training):
     assert torch.equal(head.diagnostics(prep, stats)["t"], prep["t"])
     threshold = math.cos(math.pi - 0.5)
     assert (target <= threshold).any() and (target > threshold).any()  # both positive branches
-    assert_tile_methods_agree(head.eval(), cos, prep)
+    assert_slope_is_the_derivative(head.eval(), cos, prep)
 
 
 def test_hard_negative_logit_and_slope():
@@ -39,7 +39,7 @@ def test_hard_negative_logit_and_slope():
     t + 2 c_k; others keep c_k with slope 1."""
     head = npc_head.CurricularFace(**PARAMS).double().eval()
     head.t.fill_(0.3)
-    prep = head.prepare(torch.tensor([0.6], dtype=torch.float64))
+    prep = head.prepare(*with_norms(torch.tensor([0.6], dtype=torch.float64)))
     tau = float(prep["tau"][0])
     assert tau == pytest.approx(math.cos(math.acos(0.6) + 0.5), abs=1e-15)
     above = math.nextafter(tau, 2.0)
@@ -54,9 +54,9 @@ def test_hard_negative_logit_and_slope():
 def test_t_moves_only_in_training_mode():
     head = npc_head.CurricularFace(**PARAMS).double()
     target = torch.tensor([0.2, 0.6, -0.1], dtype=torch.float64)
-    head.prepare(target)
+    head.prepare(*with_norms(target))
     assert float(head.t) == pytest.approx(0.01 * 0.7 / 3, rel=1e-14)
-    head.eval().prepare(target)
+    head.eval().prepare(*with_norms(target))
     assert float(head.t) == pytest.approx(0.01 * 0.7 / 3, rel=1e-14)
-    head.train().prepare(target[:0])  # an empty batch leaves t alone
+    head.train().prepare(*with_norms(target[:0]))  # an empty batch leaves t alone
     assert float(head.t) == pytest.approx(0.01 * 0.7 / 3, rel=1e-14)

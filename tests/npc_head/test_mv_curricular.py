@@ -1,7 +1,6 @@
 """MV-Softmax and CurricularFace, sharded (1-3 gloo ranks, reference and chunked paths), against
 float64 references; CurricularFace's running t across ranks and through trainer checkpoints."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import partial_fc
 from npc_head.base import MarginHead
 
 from tests.helpers.dist_harness import run_workers
+from tests.helpers.head_checkpoint import resume_worker
 from tests.helpers.margin_reference import make_problem
 from tests.helpers.paper_reference import curricular_t_after, make_paper_head, reference_loss
 
@@ -30,7 +30,7 @@ T_START = 0.45  # a non-trivial running t for CurricularFace (as after some trai
 def _module(kind, params, D, C, impl, block, rate=1.0, seed=0, group=None):
     head = make_paper_head(kind, params)
     module = partial_fc.PartialFC(head, D, C, sample_rate=rate, seed=seed, impl=impl,
-                                  block_size=block, process_group=group).double()
+                                  block_size=block, process_group=group, fused=False).double()
     if kind == "curricular":
         head.t.fill_(T_START)
     return module
@@ -96,7 +96,8 @@ def test_closed_form_slopes_equal_autograd(kind, params):
     if kind == "curricular":
         head.t.fill_(0.3)
     g = torch.Generator().manual_seed(0)
-    prep = head.prepare(torch.rand(9, generator=g, dtype=torch.float64) * 2 - 1)
+    prep = head.prepare(torch.rand(9, generator=g, dtype=torch.float64) * 2 - 1,
+                        torch.ones(9, dtype=torch.float64))
     cos = torch.rand(9, 50, generator=g, dtype=torch.float64) * 2 - 1
     closed = head.negative_logit_slope(cos, prep)
     generic = MarginHead.negative_logit_slope(head, cos, prep)
@@ -215,41 +216,14 @@ def test_sharded_heads_match_float64_reference_over_gloo(world_size):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _checkpoint_worker(rank, world_size, root):
-    from tests.helpers.trainer_fixtures import make_trainer
-
-    group = dist.group.WORLD if world_size > 1 else None
-
-    def trainer(name):
-        return make_trainer(Path(root) / name, rank, world_size, batch_size=6, group=group,
-                            head=npc_head.CurricularFace(s=16.0, m=0.5))
-
-    straight = trainer("straight")
-    straight_losses = [float(straight.train_step()["loss"]) for _ in range(3)]
-    first = trainer("stopped")
-    for _ in range(2):
-        first.train_step()
-    path = first.save_checkpoint()
-    saved = torch.load(path / f"shard_{rank:05d}.pt", weights_only=True)["head_buffers"]["t"]
-    resumed = trainer("stopped")
-    assert float(resumed.classifier.head.t) == 0.0
-    resumed.load_checkpoint(path)
-    restored = resumed.classifier.head.t.clone()
-    record = {**resumed.train_step(), **resumed.classifier_record()}
-    return dict(saved=saved, t_after_two=first.classifier.head.t.clone(), restored=restored,
-                resumed_loss=float(record["loss"]), resumed_t=resumed.classifier.head.t.clone(),
-                straight_loss=straight_losses[2], straight_t=straight.classifier.head.t.clone(),
-                logged_t=record["head/t"])
-
-
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_curricular_t_is_saved_and_restored_by_the_trainer(tmp_path, world_size):
-    results = run_workers(_checkpoint_worker, world_size, str(tmp_path))
+    results = run_workers(resume_worker, world_size, str(tmp_path), "curricularface")
     for res in results:
-        assert float(res["t_after_two"]) > 0.0
-        assert torch.equal(res["saved"], res["t_after_two"])
-        assert torch.equal(res["restored"], res["t_after_two"])
-        assert torch.equal(res["resumed_t"], res["straight_t"])
+        assert float(res["after_two"]["t"]) > 0.0 and float(res["fresh"]["t"]) == 0.0
+        assert torch.equal(res["saved"]["t"], res["after_two"]["t"])
+        assert torch.equal(res["restored"]["t"], res["after_two"]["t"])
+        assert torch.equal(res["resumed"]["t"], res["straight"]["t"])
         assert res["resumed_loss"] == pytest.approx(res["straight_loss"], rel=1e-6)
-        assert res["logged_t"] == pytest.approx(float(res["straight_t"]), rel=1e-6)
-    assert all(torch.equal(r["straight_t"], results[0]["straight_t"]) for r in results)
+        assert res["record"]["head/t"] == pytest.approx(float(res["straight"]["t"]), rel=1e-6)
+    assert all(torch.equal(r["straight"]["t"], results[0]["straight"]["t"]) for r in results)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import npc_head
-from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
-                                         protocol_loss, random_cosines)
+from tests.helpers.head_protocol import (assert_matches_reference, assert_slope_is_the_derivative,
+                                         protocol_loss, random_cosines, with_norms)
 from tests.helpers.paper_reference import row_logits
 
 CASES = [
@@ -29,7 +29,7 @@ def test_loss_and_gradient_match_the_paper(params):
     assert stats is None
     hard = (cos > prep["tau"][:, None]).sum(dim=1)
     assert (hard <= 1).any() and (hard >= 30).any()  # easy and mis-classified rows both occur
-    assert_tile_methods_agree(head, cos, prep)
+    assert_slope_is_the_derivative(head, cos, prep)
 
 
 @pytest.mark.parametrize("arc", [True, False])
@@ -37,12 +37,12 @@ def test_mis_classified_threshold_is_strict(arc):
     """A negative exactly at the threshold (cos(theta_y + m), or c_y - m) keeps c_k; the next
     float above becomes t c_k + t - 1."""
     head = npc_head.MVSoftmax(s=32.0, m=0.35, t=1.2, arc=arc)
-    tau = float(head.prepare(torch.tensor([0.6], dtype=torch.float64))["tau"][0])
+    tau = float(head.prepare(*with_norms(torch.tensor([0.6], dtype=torch.float64)))["tau"][0])
     want_tau = math.cos(math.acos(0.6) + 0.35) if arc else 0.6 - 0.35
     assert tau == pytest.approx(want_tau, abs=1e-15)
     above = math.nextafter(tau, 2.0)
     cos = torch.tensor([[0.6, tau, above]], dtype=torch.float64)
-    logits = head.negative_logits(cos, head.prepare(cos[:, 0]))[0]
+    logits = head.negative_logits(cos, head.prepare(*with_norms(cos[:, 0])))[0]
     assert logits[1].item() == tau
     assert logits[2].item() == pytest.approx(1.2 * above + 0.2, abs=1e-15)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import npc_head
-from tests.helpers.head_protocol import (assert_matches_reference, assert_tile_methods_agree,
-                                         protocol_loss, random_cosines)
+from tests.helpers.head_protocol import (assert_matches_reference, assert_slope_is_the_derivative,
+                                         protocol_loss, random_cosines, with_norms)
 from tests.helpers.margin_reference import row_logits
 
 DEFAULTS = dict(s=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.2)
@@ -42,7 +42,7 @@ def test_loss_gradient_margin_and_hard_count_match_the_paper(params):
     assert torch.equal(diagnostics["hard_count"], counts)
     # The case is only a test if rows without, with some and with many hard negatives occur.
     assert (counts == 0).any() and (counts >= 30).any() and ((counts > 0) & (counts < 30)).any()
-    assert_tile_methods_agree(head, cos, prep)
+    assert_slope_is_the_derivative(head, cos, prep)
 
 
 def test_margin_and_threshold_pass_no_gradient():
@@ -68,7 +68,7 @@ def test_hard_threshold_is_strict():
     """I_k = [c_k > tau]: a negative exactly at tau is easy, the next float above is hard."""
     head = npc_head.NPCFace(**DEFAULTS)
     target = torch.tensor([0.6], dtype=torch.float64)
-    tau = float(head.prepare(target)["tau"][0])
+    tau = float(head.prepare(*with_norms(target))["tau"][0])
     assert tau == pytest.approx(math.cos(math.acos(0.6) + 0.4), abs=1e-15)
     above = math.nextafter(tau, 2.0)
     cos, labels = _row(0.6, [tau, above, -0.3])
@@ -108,7 +108,7 @@ def test_positive_logit_is_easy_margin():
     cy = torch.tensor([0.0, 5e-324, -0.3, -1.0, 1.0, 0.5], dtype=torch.float64,
                       requires_grad=True)
     stats = torch.tensor([[1.6, 2.0]] * 6, dtype=torch.float64)  # mean hard cosine 0.8
-    prep = head.prepare(cy.detach())
+    prep = head.prepare(*with_norms(cy.detach()))
     positive = head.positive_logit(cy, prep, stats)
     m = 0.4 + 0.2 * 0.8
     want = [0.0, math.cos(math.pi / 2 + m), -0.3, -1.0, math.cos(m), math.cos(math.acos(0.5) + m)]
@@ -124,7 +124,7 @@ def test_threshold_past_pi_keeps_cosine():
     """tau = cos(theta_y + hard_margin) also when theta_y + hard_margin > pi (c_y near -1):
     cos keeps its value there (tau = -cos(hm) at c_y = -1), it is not clamped to -1."""
     head = npc_head.NPCFace(**DEFAULTS)
-    tau = head.prepare(torch.tensor([-1.0, -0.95], dtype=torch.float64))["tau"]
+    tau = head.prepare(*with_norms(torch.tensor([-1.0, -0.95], dtype=torch.float64)))["tau"]
     want = [math.cos(math.pi + 0.4), math.cos(math.acos(-0.95) + 0.4)]
     torch.testing.assert_close(tau, torch.tensor(want, dtype=torch.float64), rtol=1e-14, atol=1e-8)
     cos, labels = _row(-1.0, [-0.95, -0.9, 0.0])  # -cos(0.4) = -0.921: only -0.95 is easy

@@ -5,9 +5,9 @@ import torch
 import npc_head
 import partial_fc
 from npc_head.base import MarginHead
-from partial_fc.chunked import chunked_margin_loss, default_block_size
-from partial_fc.fused_tiles import FusedTiles
-from partial_fc.reference import reference_margin_loss
+from partial_fc.classifier.chunked import chunked_margin_loss
+from partial_fc.classifier.plan import AUTO_CHUNKED_LOGIT_BYTES, default_block_size, plan_step
+from partial_fc.classifier.reference import reference_margin_loss
 
 from tests.helpers.dist_harness import run_workers
 from tests.helpers.margin_reference import make_head, make_problem, reference_loss
@@ -23,7 +23,7 @@ class HardSquareHead(MarginHead):
     """A head with a non-linear negative mapping and no closed-form slope (CurricularFace-like:
     hard negatives c -> c (0.3 + c)), so the chunked path uses the protocol's autograd slope."""
 
-    def prepare(self, target_cos):
+    def prepare(self, target_cos, norms):
         return {"tau": target_cos.detach() - 0.1}
 
     def negative_logits(self, cos, prep):
@@ -123,7 +123,7 @@ def test_target_cosine_of_exactly_one_gives_finite_gradients(target):
     weight[4:] = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, -0.9, 0.2, 0.0]])
     labels = torch.tensor([0, 1, 2])
     for head in (npc_head.NPCFace(), npc_head.ArcFace(), npc_head.CosFace()):
-        module = partial_fc.PartialFC(head, 4, 6, impl="chunked", block_size=4)
+        module = partial_fc.PartialFC(head, 4, 6, impl="chunked", block_size=4, fused=False)
         with torch.no_grad():
             module.weight.copy_(weight)
         emb = (target * weight[labels]).clone().requires_grad_(True)
@@ -136,7 +136,8 @@ def test_target_cosine_of_exactly_one_gives_finite_gradients(target):
 def _module_pair(head_kind, params, C, D, **kw):
     modules = []
     for impl in ("reference", "chunked"):
-        m = partial_fc.PartialFC(make_head(head_kind, params), D, C, impl=impl, **kw).double()
+        m = partial_fc.PartialFC(make_head(head_kind, params), D, C, impl=impl, fused=False,
+                                 **kw).double()
         modules.append(m)
     return modules
 
@@ -199,7 +200,7 @@ def test_low_precision_embeddings_run_low_precision_gemms(dtype, sweep):
     ref.backward()
     ref = ref.detach()
     module = partial_fc.PartialFC(npc_head.NPCFace(), 16, 53, impl="chunked", block_size=10,
-                                  sweep=sweep)
+                                  sweep=sweep, fused=False)
     with torch.no_grad():
         module.weight.copy_(weight.float())
     e = emb.to(dtype).requires_grad_(True)
@@ -234,17 +235,20 @@ def test_configuration_is_validated_and_auto_is_a_size_rule():
     with pytest.raises(ValueError, match="block_size"):
         chunked_margin_loss(head, torch.randn(3, 8), torch.randn(10, 8),
                             torch.tensor([0, 1, 2]), block_size=0)
+    with pytest.raises(ValueError, match="reduction"):
+        chunked_margin_loss(head, torch.randn(3, 8), torch.randn(10, 8),
+                            torch.tensor([0, 1, 2]), reduction="sum")
     module = partial_fc.PartialFC(head, 8, 10)
     assert module.impl == "auto"
-    limit = partial_fc.classifier.AUTO_CHUNKED_LOGIT_BYTES
     rows = 1024
-    below = limit // (4 * rows)
-    assert module.resolve_impl(rows, below) == "reference"
-    assert module.resolve_impl(rows, below + 1) == "chunked"
+    below = AUTO_CHUNKED_LOGIT_BYTES // (4 * rows)
+    assert plan_step("auto", "auto", rows, below, "cpu", True).impl == "reference"
+    assert plan_step("auto", "auto", rows, below + 1, "cpu", True).impl == "chunked"
+    assert (module.resolve_impl(rows, below), module.resolve_impl(rows, below + 1)) == (
+        "reference", "chunked")
     module(torch.randn(4, 8), torch.tensor([0, 1, 2, 3]))
-    assert module.last_impl == "reference"
-    fixed = partial_fc.PartialFC(head, 8, 10, impl="chunked")
-    assert fixed.resolve_impl(1, 1) == "chunked"
+    assert module.last_impl == "reference" and module.last_plan.sweep is None
+    assert plan_step("chunked", "auto", 1, 1, "cpu", False).impl == "chunked"
     assert default_block_size(1024, torch.device("cpu")) >= 256
 
 
@@ -260,12 +264,12 @@ DIST_CASES = [
 BATCHES = {1: [11], 2: [7, 4], 3: [5, 3, 7]}
 
 
-def run_cases_on_rank(rank, world_size, cases=DIST_CASES, batches=BATCHES, fused_tiles=False,
+def run_cases_on_rank(rank, world_size, cases=DIST_CASES, batches=BATCHES, fused=False,
                       **module_kw):
     """On one gloo rank: each case's PartialFC (float64, chunked, this rank's shard of the case's
-    weight) on this rank's slice of the global batch, one training step; ``fused_tiles`` gives
-    the module the fused tile functions run eagerly. Returns per case the loss, the gradients,
-    the shard start, the scored classes and the diagnostics, for
+    weight) on this rank's slice of the global batch, one training step; ``fused``: as
+    PartialFC takes it (False: the tile functions eagerly). Returns per case the loss, the
+    gradients, the shard start, the scored classes, the diagnostics and the step's plan, for
     :func:`assert_ranks_match_reference`."""
     sizes = batches[world_size]
     lo = sum(sizes[:rank])
@@ -274,10 +278,8 @@ def run_cases_on_rank(rank, world_size, cases=DIST_CASES, batches=BATCHES, fused
         weight, emb, labels = make_problem(C, D, sum(sizes), seed)
         start, count = partial_fc.shard_range(C, world_size, rank)
         module = partial_fc.PartialFC(make_head(kind, params), D, C, sample_rate=rate, seed=seed,
-                                      impl="chunked", block_size=block, **module_kw).double()
-        if fused_tiles:
-            module._tiles = FusedTiles(module.head, compile=False)
-            module.fused = True
+                                      impl="chunked", block_size=block, fused=fused,
+                                      **module_kw).double()
         with torch.no_grad():
             module.weight.copy_(weight[start : start + count])
         e = emb[lo : lo + sizes[rank]].clone().requires_grad_(True)
@@ -285,7 +287,7 @@ def run_cases_on_rank(rank, world_size, cases=DIST_CASES, batches=BATCHES, fused
         loss.backward()
         results.append(dict(loss=loss.detach(), emb_grad=e.grad, weight_grad=module.weight.grad,
                             start=start, sampled=module.sampled_index + start,
-                            stats=module.last_stats))
+                            stats=module.last_stats, plan=module.last_plan))
     return results
 
 
@@ -305,6 +307,7 @@ def assert_ranks_match_reference(results, world_size, cases=DIST_CASES, batches=
         ref, ref_stats = reference_loss(kind, params, e, w, labels, classes=sampled)
         ref.backward()
         per_rank = [r[ci] for r in results]
+        assert all(res["plan"] == per_rank[0]["plan"] for res in per_rank), "plans differ"
         for rank, res in enumerate(per_rank):
             lo = sum(sizes[:rank])
             torch.testing.assert_close(res["loss"], ref.detach(), rtol=1e-10, atol=0)

@@ -84,7 +84,6 @@ def test_the_trainer_reads_the_device_twice_per_step_on_any_world_size_and_class
         assert None not in owners, (key, owners)
 
 
-@pytest.mark.xfail(strict=True, reason="classifier syncs: fixed with the classifier rewrite")
 def test_a_whole_step_reads_the_device_as_often_on_three_ranks_and_any_class_blocks_as_on_one(syncs):
     totals = {key: sum(owners.values()) for key, owners in syncs.items()}
     assert len(set(totals.values())) == 1, totals

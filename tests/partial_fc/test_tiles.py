@@ -1,11 +1,11 @@
-"""The chunked head's fused tile passes (partial_fc/fused_tiles.py), in both sweeps (chunks of
-rows against every class, blocks of classes), against the reference path.
+"""The chunked path's tile functions (partial_fc/classifier/tiles.py), in both sweeps (chunks
+of rows against every class, blocks of classes), against the reference path.
 
-The fused functions' math is checked in float64 for every head run eagerly (the same Python the
+The functions' math is checked in float64 for every head run eagerly (the same Python the
 compiler receives); the compiled form is checked in fp32 for NPCFace (statistics, a hard-negative
 mask; one head, to keep compile time out of the suite) together with the number of graphs a run
-with varying batch sizes compiles; on CUDA three heads. Compile time is paid once per
-process (inductor's on-disk cache serves later processes).
+with varying batch sizes compiles, and a real compile failure; on CUDA three heads. Compile time
+is paid once per process (inductor's on-disk cache serves later processes).
 """
 import warnings
 
@@ -14,9 +14,10 @@ import torch
 
 import npc_head
 import partial_fc
-from partial_fc.chunked import MIN_CHUNK_ROWS, ROW_TILE_ELEMENTS, chunked_margin_loss, row_chunk_size
-from partial_fc.fused_tiles import FusedTiles, compiler_unavailable_reason
-from partial_fc.reference import reference_margin_loss
+from partial_fc.classifier.chunked import chunked_margin_loss
+from partial_fc.classifier.plan import MIN_CHUNK_ROWS, ROW_TILE_ELEMENTS, row_chunk_size
+from partial_fc.classifier.reference import reference_margin_loss
+from partial_fc.classifier.tiles import Tiles, compiler_unavailable_reason
 
 from tests.helpers.dist_harness import run_workers
 from tests.helpers.margin_reference import make_head, make_problem
@@ -33,25 +34,8 @@ HEADS = {
     "mv_am_fixed": lambda: npc_head.MVSoftmax(s=32.0, m=0.35, t=1.3, arc=False, fixed=True),
     "curricularface": lambda: _curricular(),
     "autograd_slope": lambda: HardSquareHead(s=20.0),
-    "stats_without_sums": lambda: HardCountHead(s=20.0),
+    "adaface": lambda: npc_head.AdaFace(s=32.0, m=0.4, h=0.333, t_alpha=0.5),
 }
-
-
-class HardCountHead(npc_head.MarginHead):
-    """A head with statistics written to the protocol before ``negative_sums``: it overrides
-    ``negative_stats`` only (its hard-negative count widens the positive margin)."""
-
-    num_stats = 1
-
-    def prepare(self, target_cos):
-        return {"tau": target_cos.detach() - 0.1}
-
-    @torch.no_grad()
-    def negative_stats(self, cos, prep):
-        return (cos > prep["tau"][:, None]).sum(dim=1, dtype=torch.float64)[:, None]
-
-    def positive_logit(self, target_cos, prep, stats):
-        return target_cos - 0.05 * torch.log1p(stats[:, 0].to(target_cos.dtype))
 
 
 def _curricular():
@@ -63,7 +47,7 @@ def _curricular():
 
 def _fused(fn, head, weight, emb, target_index, compile=False, **kw):
     return _losses(fn, head, weight, emb, target_index,
-                   tiles=FusedTiles(head, compile=compile), **kw)
+                   tiles=Tiles(head, compile=compile), **kw)
 
 
 # Each sweep with its tile sizes: blocks of 1, 7 and 100 classes; chunks of 1, 5 and all rows.
@@ -72,7 +56,7 @@ SWEEP_CASES = [dict(sweep="classes", block_size=b) for b in (1, 7, 100)] + [
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
-def test_fused_float64_matches_reference_path(name):
+def test_tiles_in_float64_match_the_reference_path(name):
     weight, emb, labels = make_problem(37, 16, 13, seed=21)
     weight[5] = 0.0  # F.normalize's eps branch, folded into the tile
     target_index = torch.where(labels % 4 == 0, -1, labels)  # some targets owned elsewhere
@@ -83,7 +67,7 @@ def test_fused_float64_matches_reference_path(name):
 
 
 @pytest.mark.parametrize("case", SWEEP_CASES[1::2], ids=lambda c: str(c))
-def test_fused_sampled_rows_match_and_only_they_get_gradient(case):
+def test_sampled_rows_match_and_only_they_get_gradient(case):
     weight, emb, labels = make_problem(40, 8, 9, seed=6)
     index = torch.unique(torch.cat([labels, torch.tensor([0, 3, 17, 33, 39])]))
     target_index = torch.searchsorted(index, labels)
@@ -95,7 +79,7 @@ def test_fused_sampled_rows_match_and_only_they_get_gradient(case):
     _assert_same(got, (want[0], want[1], full_grad, want[3]), 1e-10)
 
 
-class CountingTiles(FusedTiles):
+class CountingTiles(Tiles):
     """The real tile functions (eager), counting the backward passes they run."""
 
     def __init__(self, head):
@@ -181,7 +165,7 @@ def test_tiles_of_another_head_are_refused():
     weight, emb, labels = make_problem(10, 4, 3, seed=1)
     with pytest.raises(ValueError, match="another head"):
         chunked_margin_loss(HEADS["arcface"](), emb, weight, labels,
-                            tiles=FusedTiles(HEADS["arcface"](), compile=False))
+                            tiles=Tiles(HEADS["arcface"](), compile=False))
 
 
 # --- compiled ---------------------------------------------------------------------------------
@@ -227,16 +211,16 @@ def test_compiled_float32_run_matches_reference_and_compiles_a_bounded_number_of
             loss.backward()
             results.append((loss.detach(), e.grad, m.weight.grad.clone()))
             m.weight.grad = None
-        assert fused._tiles is not None and not fused._tiles.broken
+        assert fused.last_plan.compiled and fused.last_plan.sweep == sweep
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
     compiled = _unique_graphs() - before
     assert 1 <= compiled <= 4, f"{compiled} graphs compiled in 20 steps"
 
 
-def test_no_compiler_warns_once_and_runs_unfused(monkeypatch, tmp_path):
-    """With no C++ compiler on PATH, PartialFC(fused=True) says so once and keeps the unfused
-    tiles, with the same results."""
+def test_no_compiler_warns_once_and_runs_the_same_functions_eagerly(monkeypatch, tmp_path):
+    """With no C++ compiler on PATH, PartialFC(fused=True) says so once and runs the tile
+    functions eagerly, with the results of fused=False."""
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("CXX", "no-such-c++")
     assert "no C++ compiler" in compiler_unavailable_reason(torch.device("cpu"))
@@ -252,13 +236,88 @@ def test_no_compiler_warns_once_and_runs_unfused(monkeypatch, tmp_path):
             losses.append([m(emb, labels).detach() for _ in range(2)])
     assert [str(w.message) for w in caught if "fused" in str(w.message)] == [
         "PartialFC(fused=True): no C++ compiler (no-such-c++ or clang++) on PATH for inductor; "
-        "the chunked head runs unfused"
+        "the tile functions run eagerly"
     ]
-    assert not modules[0].fused
+    assert modules[0].last_plan == modules[1].last_plan and not modules[0].last_plan.compiled
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
 
 
-# --- over gloo ranks (the fused math, eagerly) ------------------------------------------------
+# Run in a fresh process: inductor remembers a failed compiler search for the process's life.
+FAILING_COMPILER_RUN = """
+import json, warnings, torch, npc_head
+from partial_fc.classifier.chunked import chunked_margin_loss
+from partial_fc.classifier.tiles import Tiles
+from tests.helpers.margin_reference import make_problem
+weight, emb, labels = make_problem(37, 16, 13, seed=21)
+weight, emb = weight.float(), emb.float()
+head = npc_head.NPCFace(s=17.0)
+
+def run(tiles):
+    w, e = weight.clone().requires_grad_(True), emb.clone().requires_grad_(True)
+    loss, _ = chunked_margin_loss(head, e, w, labels, tiles=tiles, sweep="classes", block_size=8)
+    loss.mean().backward()
+    return [loss.detach(), e.grad, w.grad]
+
+tiles = Tiles(head)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = [run(tiles) for _ in range(2)]
+want = run(Tiles(head, compile=False))
+print(json.dumps(dict(
+    messages=[str(w.message) for w in caught if "tile kernels" in str(w.message)],
+    broken=tiles.broken, active=tiles.active,
+    first=max(float(((g - w).abs().max() / w.abs().max())) for g, w in zip(got[0], want)),
+    second_equal=all(bool(torch.equal(g, w)) for g, w in zip(got[1], want)))))
+"""
+
+
+@needs_compiler
+def test_a_failing_compiler_warns_once_and_the_same_functions_run_eagerly(tmp_path):
+    """A C++ compiler that exists but fails (inductor's own error, raised at a call): one
+    warning, the rest of that call and every later one run eagerly, with the eager results."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, CXX=str(cxx), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               TORCHINDUCTOR_FX_GRAPH_CACHE="0", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", FAILING_COMPILER_RUN], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["messages"]) == 1 and "failed to compile" in result["messages"][0], result
+    assert result["broken"] and not result["active"]
+    assert result["first"] < 1e-5  # what compiled before the failure ran compiled
+    assert result["second_equal"]  # then eagerly: the eager results exactly
+
+
+class OutOfMemoryHead(npc_head.NPCFace):
+    """Its negative logits raise what an exhausted device raises."""
+
+    def negative_logits(self, cos, prep):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@needs_compiler
+def test_an_out_of_memory_error_in_the_compiled_tiles_is_raised_not_taken_for_a_compile_failure():
+    weight, emb, labels = make_problem(37, 16, 13, seed=21)
+    head = OutOfMemoryHead(s=17.0)
+    tiles = Tiles(head)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+            chunked_margin_loss(head, emb.float(), weight.float(), labels, tiles=tiles,
+                                sweep="classes")
+    assert tiles.active and not [w for w in caught if "tile kernels" in str(w.message)]
+
+
+# --- over gloo ranks (the tile functions, eagerly) ------------------------------------------
 
 BATCHES = {1: [11], 2: [7, 4], 3: [5, 3, 7]}
 # The last case leaves the third of three ranks without classes (2 classes over 3 ranks).
@@ -266,26 +325,27 @@ DIST_CASES = [("npcface", NPC_OTHER, 41, 8, 0.4, 4, 3), ("arcface", ARC, 37, 16,
               ("npcface", NPC_DEFAULT, 2, 8, 1.0, 5, 1)]
 
 
-def _fused_worker(rank, world_size, sweep, unfused_rank=None):
-    return run_cases_on_rank(rank, world_size, DIST_CASES, BATCHES,
-                             fused_tiles=rank != unfused_rank, sweep=sweep)
+def _tiles_worker(rank, world_size, sweep, compiling_rank=None):
+    return run_cases_on_rank(rank, world_size, DIST_CASES, BATCHES, fused=rank == compiling_rank,
+                             sweep=sweep)
 
 
-@pytest.mark.parametrize("sweep", ["auto", "classes"])
+@pytest.mark.parametrize("sweep", ["rows", "classes"])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_fused_over_ranks_matches_float64_reference(world_size, sweep):
-    """"auto" takes the row sweep here (the tiles fit the budget), one chunk per step."""
-    results = run_workers(_fused_worker, world_size, sweep)
-    for _ in assert_ranks_match_reference(results, world_size, DIST_CASES, BATCHES):
-        pass
+def test_both_sweeps_over_ranks_match_float64_reference(world_size, sweep):
+    results = run_workers(_tiles_worker, world_size, sweep)
+    for *_, per_rank in assert_ranks_match_reference(results, world_size, DIST_CASES, BATCHES):
+        assert per_rank[0]["plan"].sweep == sweep
 
 
-def test_ranks_agree_on_the_sweep_when_one_rank_has_no_fused_tiles():
-    """A rank without fused tiles (no compiler on that node) makes every rank take the class
-    sweep (the sweeps run different collectives): no hang, the reference results."""
-    results = run_workers(_fused_worker, 2, "auto", 1)
-    for _ in assert_ranks_match_reference(results, 2, DIST_CASES, BATCHES):
-        pass
+def test_ranks_agree_to_run_eagerly_when_one_rank_cannot_compile():
+    """Rank 0 could compile its tiles, rank 1 cannot (fused=False stands for a node without a
+    compiler): the step's first all-gather tells every rank, so both run the same functions
+    eagerly and take the class sweep ("auto" takes rows only for compiled tiles): no hang, the
+    reference results, one plan."""
+    results = run_workers(_tiles_worker, 2, "auto", 0)
+    for *_, per_rank in assert_ranks_match_reference(results, 2, DIST_CASES, BATCHES):
+        assert not per_rank[0]["plan"].compiled and per_rank[0]["plan"].sweep == "classes"
 
 
 # --- CUDA -------------------------------------------------------------------------------------
@@ -367,7 +427,7 @@ def test_a_retained_graph_gives_every_backward_the_reference_gradients(case):
     want = _backward_twice(reference_margin_loss, HEADS["npcface"](), weight, emb, labels)
     head = HEADS["npcface"]()
     got = _backward_twice(chunked_margin_loss, head, weight, emb, labels,
-                          tiles=FusedTiles(head, compile=False), **case)
+                          tiles=Tiles(head, compile=False), **case)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max())
 
@@ -376,7 +436,7 @@ def test_a_second_backward_without_a_retained_graph_is_torch_s_error():
     weight, emb, labels = make_problem(37, 16, 13, seed=21)
     head = HEADS["npcface"]()
     loss, _ = chunked_margin_loss(head, emb, weight.clone().requires_grad_(True), labels,
-                                  tiles=FusedTiles(head, compile=False), sweep="rows")
+                                  tiles=Tiles(head, compile=False), sweep="rows")
     loss.mean().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.mean().backward()
@@ -411,17 +471,20 @@ def test_fp16_weight_rows_of_small_norm_get_their_finite_gradient(sweep, sampled
         want = torch.zeros_like(weight, dtype=torch.float64).index_copy_(0, index, want)
     head = HEADS["npcface"]()
     got = _losses(chunked_margin_loss, head, weight, emb.float(), labels, row_index=index,
-                  tiles=FusedTiles(head, compile=False), sweep=sweep)[2]
+                  tiles=Tiles(head, compile=False), sweep=sweep)[2]
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max())
 
 
 def test_a_head_with_statistics_but_no_sums_is_refused_by_name():
-    class NoSums(HardCountHead):
-        negative_stats = npc_head.MarginHead.negative_stats
+    class NoSums(npc_head.MarginHead):
+        num_stats = 1
+
+        def positive_logit(self, target_cos, prep, stats):
+            return target_cos
 
     weight, emb, labels = make_problem(37, 16, 13, seed=21)
-    for case in ({}, dict(tiles=FusedTiles(NoSums(s=20.0), compile=False))):
-        head = case["tiles"].head if case else NoSums(s=20.0)
+    for fn, case in ((reference_margin_loss, {}), (chunked_margin_loss, {}),
+                     (chunked_margin_loss, dict(sweep="rows"))):
         with pytest.raises(NotImplementedError, match="NoSums has num_stats=1"):
-            chunked_margin_loss(head, emb, weight, labels, **case)
+            fn(NoSums(s=20.0), emb, weight, labels, **case)

@@ -1,28 +1,18 @@
-"""Softmax cross-entropy whose classes are split across ranks."""
+"""Softmax cross-entropy whose classes are split across ranks (docs/ALGORITHM.md, section 5)."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .distributed import all_reduce
+from .collectives import all_reduce
 
 
-def _softmax_statistics(logits: torch.Tensor, target_index: torch.Tensor, group):
-    """Global row max, global sum of exp(logit - max) and the target logit, per row."""
-    rows = logits.shape[0]
-    if logits.shape[1] > 0:
-        local_max = logits.amax(dim=1)
-    else:
-        local_max = logits.new_full((rows,), float("-inf"))
-    row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
-    exp = torch.exp(logits - row_max[:, None])
-    sum_exp = all_reduce(exp.sum(dim=1), dist.ReduceOp.SUM, group)
-    owned = target_index >= 0
-    target = logits.new_zeros(rows)
-    owned_rows = owned.nonzero(as_tuple=True)[0]
-    target[owned_rows] = logits[owned_rows, target_index[owned_rows]]
-    target = all_reduce(target, dist.ReduceOp.SUM, group)
-    return row_max, exp, sum_exp, target, owned_rows
+def _target_values(logits: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+    """[rows]: each row's logit at its local target column, 0 where another rank owns it."""
+    if logits.shape[1] == 0:
+        return logits.new_zeros(logits.shape[0])
+    picked = logits.gather(1, target_index.clamp(min=0)[:, None])[:, 0]
+    return torch.where(target_index >= 0, picked, torch.zeros_like(picked))
 
 
 class DistributedSoftmaxCrossEntropy(torch.autograd.Function):
@@ -32,25 +22,31 @@ class DistributedSoftmaxCrossEntropy(torch.autograd.Function):
     ``target_index [B]``: the local column of the row's target, or -1 where another rank owns it.
     Every rank gets the same per-row loss. The backward pass returns ``softmax - onehot`` for the
     local columns, which is exact as long as every rank applies the same (replicated) computation
-    to the returned loss, e.g. ``loss.mean()``.
+    to the returned loss, e.g. ``loss.mean()``. No host synchronisation.
     """
 
     @staticmethod
     def forward(ctx, logits, target_index, group=None):
         with torch.no_grad():
-            row_max, exp, sum_exp, target, owned_rows = _softmax_statistics(
-                logits, target_index, group
-            )
-            loss = torch.log(sum_exp) + row_max - target
-            probs = exp.div_(sum_exp[:, None])
-        ctx.save_for_backward(probs, target_index[owned_rows], owned_rows)
+            rows = logits.shape[0]
+            local_max = (logits.amax(dim=1) if logits.shape[1]
+                         else logits.new_full((rows,), -torch.inf))
+            row_max = all_reduce(local_max, dist.ReduceOp.MAX, group)
+            exp = torch.exp(logits - row_max[:, None])
+            summed = all_reduce(torch.stack([exp.sum(dim=1), _target_values(logits, target_index)]),
+                                dist.ReduceOp.SUM, group)
+            loss = torch.log(summed[0]) + row_max - summed[1]
+            probs = exp.div_(summed[0][:, None])
+        ctx.save_for_backward(probs, target_index)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        probs, owned_targets, owned_rows = ctx.saved_tensors
+        probs, target_index = ctx.saved_tensors
         grad = probs * grad_loss[:, None]
-        grad[owned_rows, owned_targets] -= grad_loss[owned_rows]
+        if grad.shape[1]:
+            owned = (target_index >= 0).to(grad.dtype)
+            grad.scatter_add_(1, target_index.clamp(min=0)[:, None], -(grad_loss * owned)[:, None])
         return grad, None, None
 
 
