@@ -53,9 +53,14 @@ def host_values(tensor: torch.Tensor) -> list:
         return tensor.tolist()
 
 
+def transport_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` travels in over ``backend``: gloo does not reduce
+    bfloat16, so such tensors go as float32 (exact for bf16 values)."""
+    return torch.float32 if dtype == torch.bfloat16 and str(backend) == dist.Backend.GLOO else dtype
+
+
 def _needs_fp32_transport(tensor: torch.Tensor, group) -> bool:
-    # gloo does not reduce bfloat16; send such tensors as float32 (exact for bf16 values).
-    return tensor.dtype == torch.bfloat16 and dist.get_backend(group) == dist.Backend.GLOO
+    return transport_dtype(tensor.dtype, dist.get_backend(group)) != tensor.dtype
 
 
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:

@@ -17,6 +17,10 @@ from .sampling import positive_rows, sample_classes, sampling_seed
 from .sharding import shard_range
 from .tiles import Tiles, compiler_unavailable_reason
 
+# The step's first all-gather carries, per rank: batch size, bad labels, first bad label, tiles
+# compiled (PartialFC._header; partial_fc.classifier.traffic models it).
+HEADER_FIELDS = 4
+
 GEMM_DTYPES = {
     None: None, "auto": None,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -139,25 +139,30 @@ def build_settings(cfg: DictConfig, run_dir: Path) -> TrainSettings:
 def build_preflight(cfg: DictConfig, num_classes: int, device: torch.device, group=None, rank: int = 0,
                     world_size: int = 1):
     """The run's :class:`.preflight.Preflight`: the backbone of ``model.*`` (random weights), the
-    step's collectives for ``data.batch_size``, ``head.*`` and ``trainer.grad_accum`` on
-    ``world_size`` ranks, the budget and thresholds of ``trainer.preflight_*``."""
+    step's collectives for ``data.batch_size``, the classifier as ``head.*`` configures it and
+    ``trainer.grad_accum`` on ``world_size`` ranks, the budget and thresholds of
+    ``trainer.preflight_*``."""
+    from ..classifier.plan import plan_step, scored_bound
+    from ..classifier.tiles import compiler_unavailable_reason
+    from ..classifier.traffic import step_collectives as classifier_collectives
     from ..models import get_model
-    from ..classifier.sharding import shard_range
-    from .preflight import Preflight, resolved_impl, step_collectives
+    from .preflight import Preflight, step_collectives
 
-    t, batch = cfg.trainer, int(cfg.data.batch_size)
-    num_scored = int(float(cfg.head.sample_rate) * shard_range(num_classes, world_size, 0)[1])
-    impl = resolved_impl(str(cfg.head.impl), batch * world_size, num_scored)  # rank 0's: the same everywhere
-    num_stats = build_head(cfg.head).num_stats
-
-    def collectives(embedding_dtype, gradient_bytes):
-        return step_collectives(batch, world_size, int(cfg.model.embedding_size), num_stats, impl,
-                                str(cfg.head.sweep), embedding_dtype, gradient_bytes, int(t.grad_accum),
-                                "nccl" if device.type == "cuda" else "gloo")
+    t, h, batch = cfg.trainer, cfg.head, int(cfg.data.batch_size)
+    rows = batch * world_size
+    compiled = bool(h.fused) and compiler_unavailable_reason(device) is None
+    plan = plan_step(str(h.impl), str(h.sweep), rows,
+                     scored_bound(num_classes, world_size, float(h.sample_rate), rows, True), device.type,
+                     compiled, None if h.block_size is None else int(h.block_size))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # The trainer hands the classifier fp32 embeddings, whatever the backbone's autocast dtype.
+    classifier = classifier_collectives(plan, [batch] * world_size, int(cfg.model.embedding_size),
+                                        build_head(h).num_stats, torch.float32, backend=backend)
 
     return Preflight(
         build_backbone=lambda: get_model(str(cfg.model.name), **backbone_kwargs(cfg.model)).to(device),
-        collectives=collectives, local_batch=batch, grad_accum=int(t.grad_accum),
+        collectives=lambda gradient_bytes: step_collectives(classifier, gradient_bytes, int(t.grad_accum)),
+        local_batch=batch, grad_accum=int(t.grad_accum),
         autocast_dtype=AUTOCAST_DTYPES[str(t.precision)], channels_last=bool(t.channels_last), device=device,
         group=group, rank=rank, world_size=world_size, budget_s=float(t.preflight_budget_s),
         slow_link=float(t.preflight_slow_link), max_comm_share=float(t.preflight_max_comm_share))

@@ -17,16 +17,14 @@ import logging
 import socket
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..classifier import PartialFC
-from ..classifier.numerics import compute_dtype
+from ..classifier.traffic import Collective
 from . import network
 
 log = logging.getLogger(__name__)
@@ -51,31 +49,6 @@ def preflight_mode(value) -> str:
     return mode
 
 
-@dataclass(frozen=True)
-class Collective:
-    """One collective of a training step: ``op`` (``all_gather``, ``all_reduce`` or
-    ``reduce_scatter``) of a ``shape``/``dtype`` tensor per rank (all_gather: the rank's part;
-    reduce_scatter: the whole input), ``per_step`` times per optimizer step."""
-
-    name: str
-    op: str
-    shape: tuple
-    dtype: torch.dtype
-    per_step: int
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for n in self.shape:
-            numel *= int(n)
-        return numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def resolved_impl(impl: str, global_batch: int, num_scored: int) -> str:
-    """The classifier path a step of these sizes runs (:meth:`PartialFC.resolve_impl`)."""
-    return PartialFC.resolve_impl(SimpleNamespace(impl=impl), global_batch, num_scored)
-
-
 def ddp_bucket_bytes(total: int) -> List[int]:
     """DDP's gradient buckets for ``total`` bytes of gradients: 1 MiB, then 25 MiB ones (DDP closes
     a bucket at a parameter boundary, so real sizes differ a little; their sum is exact)."""
@@ -87,43 +60,14 @@ def ddp_bucket_bytes(total: int) -> List[int]:
     return [s for s in sizes if s > 0]
 
 
-def step_collectives(local_batch: int, world_size: int, embedding_size: int, num_stats: int, impl: str,
-                     sweep: str, embedding_dtype: torch.dtype, gradient_bytes: int, grad_accum: int,
-                     backend: str) -> List[Collective]:
-    """The collectives of one optimizer step on ``world_size`` ranks with ``local_batch`` samples
-    per rank and micro-batch, in the order the step runs them.
-
-    Per micro-batch (``grad_accum`` of them), the classifier: the all-gathers of the local batch
-    sizes, the embeddings and the labels, the all-reduces of the target cosines, the head's
-    ``num_stats`` negative statistics (float64), the softmax max and the softmax sums with the
-    target logits (``impl`` ``reference``: two all-reduces; ``chunked``: one of both, after an
-    all-reduce of its chunk plan unless ``sweep`` is ``classes``; the row sweep splits the
-    statistics per chunk of rows when the global batch exceeds one), then in backward the
-    embeddings' gradient (a reduce-scatter on NCCL, an all-reduce on Gloo). Once per step: the
-    backbone's ``gradient_bytes`` of fp32 gradients in DDP buckets, the gradient norm with the
-    stop vote, and the non-finite check.
-    """
-    rows = local_batch * world_size
-    # Gloo does not reduce bfloat16: partial_fc.distributed sends such tensors as float32.
-    sent = torch.float32 if embedding_dtype == torch.bfloat16 and backend == "gloo" else embedding_dtype
-    work = compute_dtype(torch.empty(0, dtype=embedding_dtype), torch.empty(0))
-    a = grad_accum
-    steps = [Collective("local batch sizes", "all_gather", (1,), torch.int64, a),
-             Collective("embeddings", "all_gather", (local_batch, embedding_size), sent, a),
-             Collective("labels", "all_gather", (local_batch,), torch.int64, a)]
-    if impl == "chunked" and sweep != "classes":
-        steps.append(Collective("chunk plan", "all_reduce", (2,), torch.int64, a))
-    steps.append(Collective("target cosines", "all_reduce", (rows,), work, a))
-    if num_stats:
-        steps.append(Collective("margin statistics", "all_reduce", (rows, num_stats), torch.float64, a))
-    steps.append(Collective("softmax max", "all_reduce", (rows,), work, a))
-    if impl == "chunked":
-        steps.append(Collective("softmax sums, target logits", "all_reduce", (2, rows), work, a))
-    else:
-        steps.append(Collective("softmax sums", "all_reduce", (rows,), work, a))
-        steps.append(Collective("target logits", "all_reduce", (rows,), work, a))
-    grad_op = "reduce_scatter" if backend == "nccl" else "all_reduce"
-    steps.append(Collective("embedding gradients", grad_op, (world_size, local_batch, embedding_size), sent, a))
+def step_collectives(classifier: Sequence[Collective], gradient_bytes: int,
+                     grad_accum: int) -> List[Collective]:
+    """The collectives of one optimizer step, in the order the step runs them: ``classifier``'s
+    (:func:`partial_fc.classifier.traffic.step_collectives`, one forward and backward) in each
+    of the ``grad_accum`` micro-batches; once per step the backbone's ``gradient_bytes`` of fp32
+    gradients in DDP buckets, the gradient norm with the stop vote, and the non-finite check.
+    ``count`` says how many times per optimizer step."""
+    steps = [replace(c, count=c.count * grad_accum) for c in classifier]
     runs: List[list] = []  # [bucket size, how many in a row]
     for size in ddp_bucket_bytes(gradient_bytes):
         if runs and runs[-1][0] == size:
@@ -157,7 +101,6 @@ def _runner(c: Collective, group, device: torch.device) -> Callable[[], None]:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         return lambda: dist.all_gather(parts, x, group=group)
     if c.op == "reduce_scatter":
-        x = x.view(-1, *c.shape[2:])
         out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
         return lambda: dist.reduce_scatter_tensor(out, x, group=group)
     return lambda: dist.all_reduce(x, group=group)
@@ -318,7 +261,7 @@ def format_report(report: Report) -> str:
              *_table(("rank", "host", "interface", "address", "chosen by", "device", "driver", "torch", "nccl",
                       f"link GB/s ({_size(report.link_bytes)})", "latency ms"), ranks)]
     if report.collectives:
-        rows = [(c["name"], c["op"], _size(c["bytes"]), c["per_step"], f"{1e3 * c['seconds']:.3f}",
+        rows = [(c["name"], c["op"], _size(c["bytes"]), c["count"], f"{1e3 * c['seconds']:.3f}",
                  _number(c["bus_gbps"])) for c in report.collectives]
         lines += _table(("collective", "op", "bytes/rank", "per step", "ms", "bus GB/s"), rows)
     lines.append(f"predicted communication {1e3 * report.comm_s:.3g} ms per step; backbone forward and backward "
@@ -344,10 +287,10 @@ class Preflight:
     """Plain arguments of a preflight (``builders.build_preflight`` makes one from the config).
 
     ``build_backbone``: a fresh backbone of the run's architecture on ``device``;
-    ``collectives(embedding_dtype, gradient_bytes)``: the step's :func:`step_collectives`."""
+    ``collectives(gradient_bytes)``: the step's :func:`step_collectives`."""
 
     build_backbone: Callable[[], nn.Module]
-    collectives: Callable[[torch.dtype, int], List[Collective]]
+    collectives: Callable[[int], List[Collective]]
     local_batch: int
     grad_accum: int
     autocast_dtype: Optional[torch.dtype]
@@ -376,8 +319,7 @@ class Preflight:
         gradient_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters() if p.requires_grad)
         del backbone, step
         mine = {"rank": self.rank, "host": socket.gethostname(), **versions(self.device), "compute_s": compute}
-        # the trainer hands the classifier fp32 embeddings whatever the backbone's autocast dtype
-        collectives = self.collectives(torch.float32, gradient_bytes) if self.world_size > 1 else []
+        collectives = self.collectives(gradient_bytes) if self.world_size > 1 else []
         link_bytes = min(max([c.nbytes for c in collectives] + [LINK_TEST_BYTES[0]]), LINK_TEST_BYTES[1])
         if self.world_size > 1:
             mine.update(self._endpoint(), **self._link(clock, link_bytes, len(collectives)))
@@ -406,13 +348,13 @@ class Preflight:
         rows = []
         for i, c in enumerate(collectives):
             seconds = max(r["times"][i] for r in ranks)  # the step waits for the slowest rank
-            rows.append({"name": c.name, "op": c.op, "bytes": c.nbytes, "per_step": c.per_step, "seconds": seconds,
+            rows.append({"name": c.name, "op": c.op, "bytes": c.nbytes, "count": c.count, "seconds": seconds,
                          "bus_gbps": c.nbytes * bus_factor(c.op, self.world_size) / seconds / 1e9})
         report = Report(
             backend=self.backend, world_size=self.world_size,
             ranks=[{k: v for k, v in r.items() if k != "times"} for r in ranks], collectives=rows,
             compute_s=max(r["compute_s"] for r in ranks),
-            comm_s=sum(c["seconds"] * c["per_step"] for c in rows), link_bytes=link_bytes,
+            comm_s=sum(c["seconds"] * c["count"] for c in rows), link_bytes=link_bytes,
             budget_s=self.budget_s, elapsed_s=elapsed)
         report.warnings = find_warnings(report, self.slow_link, self.max_comm_share)
         return report

@@ -1,7 +1,7 @@
 """The step's plan (partial_fc/classifier/plan.py) is made from values every rank shares: at each
 threshold (reference or chunked path, class or row sweep, the row sweep's chunk size, sampling's
-positive count), ranks whose own row counts straddle it still take one plan, and train with
-the results of one process."""
+positive count), ranks whose own row counts straddle it still take one plan, train with the
+results of one process, and send what the traffic model (partial_fc/classifier/traffic.py) says."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,8 +11,10 @@ import partial_fc
 from partial_fc.classifier import plan as step_plan
 from partial_fc.classifier.plan import (AUTO_CHUNKED_LOGIT_BYTES, MIN_CHUNK_ROWS, ROW_TILE_ELEMENTS,
                                         StepPlan, plan_step, scored_bound)
+from partial_fc.classifier.traffic import step_collectives
 from partial_fc.optim import build_classifier_optimizer
 
+from tests.helpers.collective_recorder import CollectiveRecorder
 from tests.helpers.dist_harness import run_workers
 from tests.helpers.margin_reference import make_head, make_problem, reference_loss
 
@@ -136,9 +138,11 @@ def _threshold_worker(rank, world_size):
         with torch.no_grad():
             module.weight.copy_(weight[module.class_start:module.class_start + module.num_local])
         e = emb[lo:lo + sizes[rank]].clone().requires_grad_(True)
-        loss = module(e, labels[lo:lo + sizes[rank]])
-        loss.backward()
+        with CollectiveRecorder() as recorder:
+            loss = module(e, labels[lo:lo + sizes[rank]])
+            loss.backward()
         out.append(dict(loss=loss.detach(), emb_grad=e.grad, weight_grad=module.weight.grad,
+                        sent=recorder.calls,
                         start=module.class_start, plan=module.last_plan,
                         sampled=module.sampled_index + module.class_start))
     return out
@@ -166,6 +170,10 @@ def test_ranks_straddling_each_threshold_take_one_plan_and_the_reference_results
             rows = slice(res["start"], res["start"] + res["weight_grad"].shape[0])
             torch.testing.assert_close(res["weight_grad"], w.grad[rows], rtol=1e-10,
                                        atol=1e-10 * w.grad.abs().max())
+        # What the step sent, message by message, is what the traffic model says (the preflight
+        # times these messages).
+        model = step_collectives(per_rank[0]["plan"], sizes, 8, 2, torch.float64, torch.float64)
+        assert all(res["sent"] == [(c.op, c.nbytes) for c in model] for res in per_rank), (C, rate)
     # Each side of each threshold was reached: both paths, one and two row chunks.
     assert {p.impl for p in plans} == {"reference", "chunked"}
     assert {p.chunk_rows for p in plans if p.sweep == "rows"} >= {24, 12}

@@ -12,7 +12,10 @@ import torch.distributed as dist
 import npc_head
 from partial_fc.train import preflight
 from partial_fc.train.config import ConfigError, validate_config
-from partial_fc.train.preflight import Clock, Collective, Report, find_warnings, step_collectives
+from partial_fc.classifier.plan import StepPlan
+from partial_fc.classifier.traffic import Collective
+from partial_fc.classifier.traffic import step_collectives as classifier_collectives
+from partial_fc.train.preflight import Clock, Report, find_warnings, step_collectives
 
 from tests.helpers.collective_recorder import CollectiveRecorder
 from tests.helpers.dist_harness import run_workers
@@ -31,7 +34,7 @@ def _recorded_step(rank, world_size, run_dir, impl, sweep, head, precision, grad
     with CollectiveRecorder() as recorder:
         trainer.train_step()
     gradient_bytes = sum(p.numel() * p.element_size() for p in trainer.backbone.parameters())
-    return recorder.calls, gradient_bytes, trainer.classifier.last_impl
+    return recorder.calls, gradient_bytes, trainer.classifier.last_plan
 
 
 @pytest.mark.parametrize("impl, sweep, head, precision, grad_accum", [
@@ -42,15 +45,14 @@ def _recorded_step(rank, world_size, run_dir, impl, sweep, head, precision, grad
 def test_the_modelled_collectives_are_what_a_real_training_step_sends(tmp_path, impl, sweep, head, precision,
                                                                       grad_accum):
     results = run_workers(_recorded_step, 2, str(tmp_path), impl, sweep, head, precision, grad_accum)
-    calls, gradient_bytes, resolved = results[0]
+    calls, gradient_bytes, plan = results[0]
     assert all(r[0] == calls for r in results)  # every rank sends the same
-    embedding_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = step_collectives(4, 2, DIM, head.num_stats, preflight.resolved_impl(impl, 8, 7), sweep,
-                             embedding_dtype, gradient_bytes, grad_accum, "gloo")
-    assert preflight.resolved_impl(impl, 8, 7) == resolved
+    # the trainer hands the classifier fp32 embeddings under any precision
+    classifier = classifier_collectives(plan, [4, 4], DIM, head.num_stats, torch.float32)
+    model = step_collectives(classifier, gradient_bytes, grad_accum)
     expected = Counter()
     for c in model:
-        expected[(c.op, c.nbytes)] += c.per_step
+        expected[(c.op, c.nbytes)] += c.count
     assert Counter(calls) == expected
 
 
@@ -66,11 +68,12 @@ def test_backbone_gradients_go_in_a_first_bucket_of_one_mib_then_25_mib_ones():
     mib = 2**20
     assert preflight.ddp_bucket_bytes(100) == [100]
     assert preflight.ddp_bucket_bytes(60 * mib) == [mib, 25 * mib, 25 * mib, 9 * mib]
-    steps = step_collectives(8, 2, 16, 0, "reference", "auto", torch.float32, 60 * mib, 1, "nccl")
-    buckets = [(c.nbytes, c.per_step) for c in steps if c.name.startswith("backbone")]
+    classifier = classifier_collectives(StepPlan("reference"), [8, 8], 16, 0, backend="nccl")
+    steps = step_collectives(classifier, 60 * mib, 3)
+    buckets = [(c.nbytes, c.count) for c in steps if c.name.startswith("backbone")]
     assert buckets == [(mib, 1), (25 * mib, 2), (9 * mib, 1)]
     gradient = [c for c in steps if c.name == "embedding gradients"]
-    assert gradient == [Collective("embedding gradients", "reduce_scatter", (2, 8, 16), torch.float32, 1)]
+    assert gradient == [Collective("embedding gradients", "reduce_scatter", (16, 16), torch.float32, 3)]
 
 
 def _report(links, comm_s=0.01, compute_s=0.09, hosts=("a", "b"), interface="eth0", address="10.0.0.1"):
