@@ -102,7 +102,8 @@ def recipe_config(name: str, overrides=()):
 
 def count_syncs(step) -> int:
     """Host syncs of ``step()``: CUDA's sync debug mode counts every one (nonzero and unique
-    included); on CPU the profiler's ``aten::_local_scalar_dense`` (item, bool, int, float)."""
+    included); on CPU the profiler's ``HOST_SYNC_EVENTS`` (item, bool, int, float, the
+    classifier's marked reads, data-dependent shapes)."""
     if torch.cuda.is_available():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -114,9 +115,11 @@ def count_syncs(step) -> int:
         return sum("synchroniz" in str(w.message) for w in caught)
     from torch.profiler import ProfilerActivity, profile
 
+    from partial_fc.classifier.collectives import HOST_SYNC_EVENTS
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    return sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense")
+    return sum(1 for e in prof.events() if e.name in HOST_SYNC_EVENTS)
 
 
 def classifier_share(name: str, warmup: int, iters: int) -> None:

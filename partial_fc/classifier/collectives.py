@@ -15,6 +15,12 @@ import torch.distributed as dist
 
 # The profiler label of the classifier's host reads (tests count them: docs/ALGORITHM.md, 5b).
 HOST_READ = "partial_fc::host_read"
+# What torch.profiler shows of a host synchronisation on CPU, where nothing waits (CUDA's sync
+# debug mode sees them all): item/bool/int/float of a tensor, the classifier's marked reads, and
+# the operations whose output size depends on the data (a wait on CUDA).
+HOST_SYNC_EVENTS = frozenset({"aten::_local_scalar_dense", HOST_READ, "aten::nonzero",
+                              "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
+                              "aten::masked_select"})
 
 # Backend name -> whether it has the single-tensor all-gather and reduce-scatter. Filled at the
 # first use (a backend that lacks them refuses the call on every rank alike); set an entry to

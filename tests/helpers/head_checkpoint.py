@@ -25,7 +25,7 @@ def resume_worker(rank, world_size, root, head_name):
     resumed by a fresh trainer for its third. Returns the head's buffers at each point (saved
     in the shard file, after two steps, fresh, restored, after the resumed step, after the
     straight run), both third-step losses and the resumed step's logged record."""
-    from tests.helpers.trainer_fixtures import make_trainer
+    from tests.helpers.trainer_fixtures import make_trainer, step_record
 
     group = dist.group.WORLD if world_size > 1 else None
 
@@ -34,7 +34,7 @@ def resume_worker(rank, world_size, root, head_name):
                             head=STATEFUL_HEADS[head_name]())
 
     straight = trainer("straight")
-    straight_losses = [straight.train_step()["loss"] for _ in range(3)]
+    straight_losses = [step_record(straight)["loss"] for _ in range(3)]
     first = trainer("stopped")
     for _ in range(2):
         first.train_step()
@@ -44,7 +44,7 @@ def resume_worker(rank, world_size, root, head_name):
     fresh = _buffers(resumed)
     resumed.load_checkpoint(path)
     restored = _buffers(resumed)
-    record = {**resumed.train_step(), **resumed.classifier_record()}
+    record = {**step_record(resumed), **resumed.classifier_record()}
     return dict(saved=saved, after_two=_buffers(first), fresh=fresh, restored=restored,
                 resumed=_buffers(resumed), straight=_buffers(straight), record=record,
                 resumed_loss=record["loss"], straight_loss=straight_losses[2])

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, Optional
 
+from partial_fc.classifier.collectives import HOST_SYNC_EVENTS
+
 # The classifier's code (its own owner): a sync whose innermost project frame lies in one of
 # these files is the classifier's; any other project frame (partial_fc/train, partial_fc/data,
 # the models) makes it the trainer's.
 CLASSIFIER_FILES = ("partial_fc/classifier/", "npc_head/")
 PROJECT_DIRS = ("partial_fc/", "npc_head/")
-SYNC_OP = "aten::_local_scalar_dense"  # every .item(), bool(t), int(t), float(t) of a tensor
 
 
 def _ancestors(event):
@@ -43,7 +44,7 @@ def _owner(event) -> Optional[str]:
 
 
 def host_syncs(prof) -> Dict[Optional[str], int]:
-    """``{owner: count}`` of device-to-host reads (``aten::_local_scalar_dense``), by who issued
+    """``{owner: count}`` of device-to-host reads (``HOST_SYNC_EVENTS``), by who issued
     them: "classifier", "trainer" (the loop, DDP and the scaler it calls, the data), or None
     (no project frame: the test itself). Needs ``profile(with_stack=True)``."""
-    return dict(Counter(_owner(e) for e in prof.events() if e.name == SYNC_OP))
+    return dict(Counter(_owner(e) for e in prof.events() if e.name in HOST_SYNC_EVENTS))

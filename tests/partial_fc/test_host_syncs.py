@@ -14,14 +14,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import npc_head
 import partial_fc
-from partial_fc.classifier.collectives import HOST_READ
+from partial_fc.classifier.collectives import HOST_SYNC_EVENTS as SYNC_EVENTS
 from partial_fc.optim import build_classifier_optimizer
 
 from tests.helpers.dist_harness import run_workers
 from tests.helpers.margin_reference import make_problem
 
-SYNC_EVENTS = {"aten::_local_scalar_dense", HOST_READ, "aten::nonzero", "aten::_unique2",
-               "aten::unique_dim", "aten::unique_consecutive", "aten::masked_select"}
 C, D = 90, 8
 # (name, PartialFC arguments, optimizer): one block of classes against many, both sweeps, the
 # reference path, sampling (rows above and below the sample), both optimizers.
